@@ -1,0 +1,496 @@
+"""One typed, nested config: YAML values, `a.b=value` overrides, validation.
+
+    cfg = load_config("configs/digits_finetune.yaml", ["train.epochs=3", "optim.lr=0.01"])
+
+Every field has a default and a one-line docstring (the README's reference is generated from
+the same text). Unknown keys and wrong types are `UserError`s that list the valid keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .errors import UserError
+
+
+@dataclass
+class DataConfig:
+    source: str = "imagefolder"
+    """Where the images come from: `imagefolder` (a local folder of class sub-folders, or split folders
+    `train/`, `validation/`), `disk` (a dataset saved with `save_to_disk`) or `hub` (a Hugging Face Hub name)."""
+    path: Optional[str] = None
+    """Folder (imagefolder, disk) or dataset name (hub)."""
+    train_split: str = "train"
+    """Split used for training."""
+    val_split: Optional[str] = None
+    """Split used for validation; null: `validation`, `val` or `test` when present, else a seeded `val_fraction` split of the training split."""
+    val_fraction: float = 0.1
+    """Fraction of the training split held out for validation when there is no validation split (seeded by `seed`)."""
+    image_column: str = "image"
+    """Column holding the images (PIL images or paths)."""
+    label_column: str = "label"
+    """Column holding the labels: a class index (classification, binary) or a list of class indices / a multi-hot vector (multilabel)."""
+    image_size: int = 224
+    """Side of the square crop fed to the model."""
+    augment: bool = True
+    """Train-time RandomResizedCrop + horizontal flip, seeded per sample so every world size sees the same augmentation."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank."""
+
+    def validate(self) -> None:
+        _choice("data.source", self.source, ("imagefolder", "disk", "hub"))
+        if self.path is None:
+            raise UserError("data.path is not set; give the image folder, saved dataset or Hub name, e.g. data.path=./my_images")
+        _range("data.val_fraction", self.val_fraction, 0.0, 1.0, low_open=True, high_open=True)
+        _positive("data.image_size", self.image_size)
+        if self.num_workers < 0:
+            raise UserError(f"data.num_workers={self.num_workers} is negative; use 0 or more")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet18"
+    """Any `torchvision.models` classifier name (`torchvision.models.list_models(torchvision.models)`)."""
+    weights: Optional[str] = None
+    """null (random init), a torchvision weights enum name (`DEFAULT`, `IMAGENET1K_V1`, ...; cached under `$TORCH_HOME/hub/checkpoints`), or a local `.pth` / `.safetensors` state dict."""
+    num_classes: Optional[int] = None
+    """Classes of the new head; null: inferred from the dataset."""
+    load_head: bool = False
+    """Also load the head from a local weights file when its shape fits (false: the head starts fresh for your classes, as in transfer learning)."""
+    freeze_bn: bool = False
+    """Keep BatchNorm layers in eval mode (running statistics fixed). Needed for identical training across world sizes on CPU, where BatchNorm cannot be synchronized."""
+    freeze_backbone: bool = False
+    """Train only the head (feature extraction)."""
+    unfreeze_at_epoch: Optional[int] = None
+    """With `freeze_backbone`: the epoch (0-based) from which the backbone trains too (gradual unfreezing)."""
+
+    def validate(self) -> None:
+        if self.num_classes is not None:
+            _positive("model.num_classes", self.num_classes)
+        if self.unfreeze_at_epoch is not None and self.unfreeze_at_epoch < 0:
+            raise UserError(f"model.unfreeze_at_epoch={self.unfreeze_at_epoch} is negative; use an epoch index >= 0 or null")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    """Passes over the training split."""
+    batch_size: int = 32
+    """Global batch per optimizer step, split evenly over processes and accumulation steps; must divide by processes x grad_accum."""
+    eval_batch_size: Optional[int] = None
+    """Global batch for evaluation; null: `batch_size`."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    mixed_precision: str = "no"
+    """`no`, `fp16` (CUDA only, with loss scaling) or `bf16`."""
+    max_grad_norm: Optional[float] = None
+    """Clip the global gradient norm to this value; null: no clipping."""
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps (null: run all epochs). Schedules still span `epochs`."""
+
+    def validate(self) -> None:
+        _positive("train.epochs", self.epochs)
+        _positive("train.batch_size", self.batch_size)
+        _positive("train.grad_accum", self.grad_accum)
+        if self.eval_batch_size is not None:
+            _positive("train.eval_batch_size", self.eval_batch_size)
+        _choice("train.mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise UserError(f"train.max_grad_norm={self.max_grad_norm} must be positive (or null for no clipping)")
+        if self.max_steps is not None:
+            _positive("train.max_steps", self.max_steps)
+        if self.batch_size % self.grad_accum:
+            raise UserError(
+                f"train.batch_size={self.batch_size} does not divide by train.grad_accum={self.grad_accum}; "
+                "use a batch size that is a multiple of grad_accum"
+            )
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"
+    """`sgd` or `adamw`."""
+    lr: float = 0.01
+    """Learning rate of the backbone (and of everything when `head_lr` is null)."""
+    head_lr: Optional[float] = None
+    """Learning rate of the new head; null: `lr`."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    weight_decay: float = 0.0
+    """Weight decay (decoupled for AdamW)."""
+    no_decay_norm_bias: bool = True
+    """No weight decay on normalization weights and biases."""
+    layer_decay: Optional[float] = None
+    """Layer-wise lr decay in (0, 1]: a backbone block at depth d from the head gets lr x layer_decay^d."""
+
+    def validate(self) -> None:
+        _choice("optim.name", self.name, ("sgd", "adamw"))
+        if self.lr < 0:
+            raise UserError(f"optim.lr={self.lr} is negative; use a learning rate >= 0")
+        if self.head_lr is not None and self.head_lr < 0:
+            raise UserError(f"optim.head_lr={self.head_lr} is negative; use a learning rate >= 0 or null")
+        if self.weight_decay < 0:
+            raise UserError(f"optim.weight_decay={self.weight_decay} is negative; use 0 or more")
+        if self.layer_decay is not None:
+            _range("optim.layer_decay", self.layer_decay, 0.0, 1.0, low_open=True)
+        if len(self.betas) != 2:
+            raise UserError(f"optim.betas={self.betas} needs two values, e.g. [0.9, 0.999]")
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "constant"
+    """`constant`, `step_decay` (lr x gamma^(epoch // every)) or any `torch.optim.lr_scheduler` class name (`CosineAnnealingLR`, `OneCycleLR`, `ReduceLROnPlateau`, ...)."""
+    interval: str = "step"
+    """Step a torch scheduler every optimizer `step` or every `epoch`."""
+    warmup_steps: int = 0
+    """Linear warmup over this many optimizer steps before the schedule."""
+    warmup_epochs: float = 0
+    """Linear warmup in epochs (converted to optimizer steps); used when `warmup_steps` is 0."""
+    every: int = 30
+    """`step_decay`: decay every this many epochs."""
+    gamma: float = 0.1
+    """`step_decay`: multiplicative decay."""
+    args: dict = field(default_factory=dict)
+    """Keyword arguments of the torch scheduler (e.g. `{T_max: 1000}`); lengths are counted in `interval` units."""
+    monitor: str = "val/loss"
+    """`ReduceLROnPlateau`: the validation metric it watches."""
+
+    def validate(self) -> None:
+        _choice("schedule.interval", self.interval, ("step", "epoch"))
+        if self.warmup_steps < 0 or self.warmup_epochs < 0:
+            raise UserError("schedule.warmup_steps and schedule.warmup_epochs must be >= 0")
+        _positive("schedule.every", self.every)
+
+
+@dataclass
+class LossConfig:
+    name: str = "cross_entropy"
+    """`cross_entropy`, `dice`, `dice_bce`, `iou`, `focal`, `tversky`, or your own as `package.module:Name` (a function or an nn.Module class)."""
+    mode: Optional[str] = None
+    """`binary`, `multilabel` or `multiclass`; null: from the labels (`multiclass` for class indices)."""
+    label_smoothing: float = 0.0
+    """Cross-entropy label smoothing."""
+    smooth: float = 1.0
+    """Dice / IoU / Tversky smoothing constant s."""
+    alpha: Optional[float] = 0.25
+    """Focal alpha (null: no class balancing); Tversky weight of false positives."""
+    beta: float = 0.5
+    """Tversky weight of false negatives."""
+    gamma: float = 2.0
+    """Focal gamma."""
+    per_image: bool = False
+    """Dice / IoU / Tversky per image then averaged, instead of over the whole global batch."""
+    ignore_index: Optional[int] = None
+    """Target value excluded from the loss."""
+    class_weights: Optional[list] = None
+    """Per-class weights, where the loss supports them."""
+    sync: bool = True
+    """Reduce loss statistics across ranks, so the loss on N ranks equals the loss on 1."""
+    args: dict = field(default_factory=dict)
+    """Extra keyword arguments for a user loss."""
+
+    def validate(self) -> None:
+        if self.mode is not None:
+            _choice("loss.mode", self.mode, ("binary", "multilabel", "multiclass"))
+        _range("loss.label_smoothing", self.label_smoothing, 0.0, 1.0, high_open=True)
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: Optional[int] = None
+    """Save a resumable checkpoint every this many optimizer steps (null: only at the end of each epoch)."""
+    every_epoch: bool = True
+    """Save a resumable checkpoint at the end of every epoch."""
+    keep_last: int = 2
+    """Number of newest checkpoints kept under `output_dir/checkpoints`."""
+    resume: Optional[str] = None
+    """null (start fresh), `auto` (the newest complete checkpoint, if any) or a checkpoint folder."""
+
+    def validate(self) -> None:
+        if self.every_n_steps is not None:
+            _positive("checkpoint.every_n_steps", self.every_n_steps)
+        _positive("checkpoint.keep_last", self.keep_last)
+
+
+@dataclass
+class LogConfig:
+    report_to: str = "none"
+    """`none`, `wandb` (offline unless logged in) or `tensorboard`; `metrics.jsonl` is always written."""
+    every_n_steps: int = 10
+    """Log the training loss every this many optimizer steps."""
+    project: str = "ddp-finetune"
+    """wandb / tensorboard project name."""
+    run_name: Optional[str] = None
+    """Run name; null: the output folder's name."""
+    progress_bar: bool = True
+    """tqdm bar on the main process."""
+
+    def validate(self) -> None:
+        _choice("log.report_to", self.report_to, ("none", "wandb", "tensorboard"))
+        _positive("log.every_n_steps", self.every_n_steps)
+
+
+@dataclass
+class Config:
+    output_dir: str = "runs/default"
+    """Where config.yaml, metrics.jsonl, summary.json, checkpoints/ and final/ go."""
+    seed: int = 0
+    """Seeds weights, the data order, the validation split and augmentation."""
+    task: str = "classification"
+    """`classification` (one label per image), `binary` (one logit), `multilabel` (multi-hot labels)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def validate(self) -> None:
+        _choice("task", self.task, ("classification", "binary", "multilabel"))
+        for f in dataclasses.fields(self):
+            sub = getattr(self, f.name)
+            if dataclasses.is_dataclass(sub):
+                sub.validate()
+        if self.model.unfreeze_at_epoch is not None:
+            if not self.model.freeze_backbone:
+                raise UserError("model.unfreeze_at_epoch is set but model.freeze_backbone is false; set model.freeze_backbone=true")
+            if self.model.unfreeze_at_epoch >= self.train.epochs:
+                raise UserError(
+                    f"model.unfreeze_at_epoch={self.model.unfreeze_at_epoch} is not before train.epochs={self.train.epochs}; "
+                    "use an epoch in [0, epochs) or null"
+                )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- checks
+
+def _choice(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise UserError(f"{key}={value!r} is not one of {', '.join(choices)}")
+
+
+def _positive(key: str, value: Any) -> None:
+    if value is None or value <= 0:
+        raise UserError(f"{key}={value!r} must be a positive number")
+
+
+def _range(key, value, low, high, low_open=False, high_open=False) -> None:
+    bad = value < low or value > high or (low_open and value == low) or (high_open and value == high)
+    if bad:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise UserError(f"{key}={value!r} is outside {interval}")
+
+
+# --------------------------------------------------------------------------- parsing
+
+def _field_types(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _unwrap_optional(tp):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def _type_name(tp) -> str:
+    inner, optional = _unwrap_optional(tp)
+    name = getattr(inner, "__name__", str(inner))
+    return f"{name} or null" if optional else name
+
+
+def _coerce(key: str, value: Any, tp) -> Any:
+    """Check (and lightly convert) one value against a field type."""
+    inner, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise UserError(f"{key} cannot be null; give a {_type_name(tp)}")
+    if inner is bool:
+        if isinstance(value, bool):
+            return value
+    elif inner is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif inner is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif inner is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif inner is list:
+        if isinstance(value, list):
+            return value
+    elif inner is dict:
+        if isinstance(value, dict):
+            return value
+    else:
+        return value
+    raise UserError(f"{key}={value!r} has the wrong type; expected {_type_name(tp)}")
+
+
+def _unknown_key(key: str, valid: list[str]) -> UserError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], [v.rsplit(".", 1)[-1] for v in valid], n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return UserError(f"unknown config key {key!r}{hint}; valid keys here: {', '.join(valid)}")
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    if not isinstance(values, dict):
+        raise UserError(f"{prefix.rstrip('.') or 'config'} must be a mapping of keys, got {values!r}")
+    hints = _field_types(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise _unknown_key(prefix + str(key), [prefix + n for n in names])
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, prefix + key + ".")
+        else:
+            kwargs[key] = _coerce(prefix + key, value, tp)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise UserError(f"override {text!r} is not of the form key=value, e.g. train.epochs=3")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _validate_key_path(dotted: str) -> None:
+    cls = Config
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        hints = _field_types(cls)
+        if part not in hints:
+            prefix = ".".join(parts[:i])
+            names = [f.name for f in dataclasses.fields(cls)]
+            raise _unknown_key(dotted, [f"{prefix}.{n}" if prefix else n for n in names])
+        tp = hints[part]
+        if dataclasses.is_dataclass(tp):
+            cls = tp
+        elif i != len(parts) - 1 and typing.get_origin(tp) is not dict and _unwrap_optional(tp)[0] is not dict:
+            raise UserError(f"config key {'.'.join(parts[: i + 1])} is a value, not a section; use {'.'.join(parts[: i + 1])}=VALUE")
+        else:
+            return
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {str(p)!r} does not exist; give the path to a YAML config, e.g. configs/digits_finetune.yaml")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise UserError(f"config file {str(p)!r} is not valid YAML{where}: {problem}; fix the syntax there") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {str(p)!r} must hold a mapping of keys at the top level")
+    return data
+
+
+def config_from_dict(values: dict, overrides: list[str] | tuple = ()) -> Config:
+    tree = _deepcopy(values)
+    for text in overrides:
+        key, value = parse_override(text)
+        _validate_key_path(key)
+        _set_dotted(tree, key, value)
+    cfg = _build(Config, tree)
+    cfg.validate()
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple = ()) -> Config:
+    values = load_yaml(path) if path is not None else {}
+    return config_from_dict(values, overrides)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(dump_config(cfg))
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def _deepcopy(values):
+    import copy
+
+    return copy.deepcopy(values)
+
+
+def reference_rows() -> list[tuple[str, str, str]]:
+    """(key, default, doc) for every config key, in order: the README's reference table."""
+    import ast
+    import inspect
+
+    rows = []
+
+    def docs_of(cls) -> dict:
+        docs = {}
+        tree = ast.parse(inspect.getsource(cls))
+        body = tree.body[0].body
+        for i, node in enumerate(body):
+            if isinstance(node, ast.AnnAssign) and i + 1 < len(body):
+                nxt = body[i + 1]
+                if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+                    docs[node.target.id] = " ".join(str(nxt.value.value).split())
+        return docs
+
+    def walk(cls, prefix):
+        docs = docs_of(cls)
+        default_obj = cls()
+        for f in dataclasses.fields(cls):
+            value = getattr(default_obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(type(value), prefix + f.name + ".")
+            else:
+                rows.append((prefix + f.name, yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip(), docs.get(f.name, "")))
+
+    walk(Config, "")
+    return rows

@@ -1,0 +1,137 @@
+"""The only rank-aware module: the Accelerator factory, reductions and main-process printing.
+
+Nothing else in the package reads `RANK`/`WORLD_SIZE` or all-reduces by hand.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from .errors import UserError
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1, log_with=None, project_dir=None):
+    """Build the Accelerator so that a launcher's N processes really are N ranks.
+
+    Without CUDA, `Accelerator()` silently gives every process `num_processes == 1` under
+    `accelerate launch --multi_gpu` (PITFALLS item 1): we pass `cpu=True`, which selects gloo,
+    and then compare with the launcher's `WORLD_SIZE`.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
+    cuda = torch.cuda.is_available()
+    if mixed_precision == "fp16" and not cuda:
+        raise UserError(
+            "train.mixed_precision=fp16 needs a CUDA GPU (fp16 loss scaling is CUDA-only here); "
+            "use train.mixed_precision=bf16 or no on CPU"
+        )
+    accelerator = Accelerator(
+        cpu=not cuda,
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=grad_accum,
+        # train.batch_size is the global batch: each DataLoader batch is split across ranks.
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+        log_with=log_with,
+        project_config=ProjectConfiguration(project_dir=project_dir) if project_dir else None,
+    )
+    check_world_size(accelerator.num_processes)
+    return accelerator
+
+
+def check_world_size(num_processes: int) -> None:
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != num_processes:
+        raise UserError(
+            f"the launcher started WORLD_SIZE={launched} processes but the Accelerator sees "
+            f"{num_processes}; on CPU launch with `accelerate launch --multi_gpu --num_processes N` "
+            "(not --cpu), see README 'Multi-process on CPU'"
+        )
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def print0(*args, **kwargs) -> None:
+    """Print on the main process only."""
+    if is_main_process():
+        print(*args, **kwargs, flush=True)
+
+
+def warn0(message: str) -> None:
+    if is_main_process():
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def sum_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over all ranks (no gradient). Returns a new tensor; identity on 1 process."""
+    out = tensor.detach().clone()
+    if is_distributed():
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True on every rank when the flag is true on at least one (used to agree on stopping)."""
+    if not is_distributed():
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose backward is also a sum over ranks.
+
+    Every rank computes the same loss from the summed statistics, so the gradient reaching each
+    rank's local statistic is the sum of the ranks' identical upstream gradients: N times the
+    single-process one. DDP then averages parameter gradients (1/N), which makes the parameter
+    gradient exactly the single-process gradient of the global batch (PITFALLS item 4).
+    """
+
+    @staticmethod
+    def forward(ctx, tensor):
+        out = tensor.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad = grad_output.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
+def all_reduce_sum_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Differentiable sum over ranks; identity without a process group."""
+    if not is_distributed() or world_size() == 1:
+        return tensor
+    return _AllReduceSum.apply(tensor)
+
+
+def layout() -> dict:
+    """Node rank, node count and main address as the launcher set them (for the start-up line)."""
+    env = os.environ
+    local = int(env.get("LOCAL_WORLD_SIZE", "1")) or 1
+    return {
+        "node_rank": int(env.get("GROUP_RANK", env.get("NODE_RANK", "0"))),
+        "num_nodes": max(1, world_size() // local),
+        "main_address": f"{env.get('MASTER_ADDR', 'localhost')}:{env.get('MASTER_PORT', '-')}",
+    }

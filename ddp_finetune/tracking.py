@@ -1,0 +1,111 @@
+"""metrics.jsonl (always), and wandb / tensorboard through Accelerate's trackers.
+
+Only the main process writes; the values it writes are already global (reduced across ranks).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import netrc
+import os
+import uuid
+from pathlib import Path
+
+
+def wandb_logged_in() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def prepare_wandb_env() -> str:
+    """Offline mode unless the user is logged in (or chose a mode). Returns the mode in effect."""
+    if "WANDB_MODE" not in os.environ and not wandb_logged_in():
+        os.environ["WANDB_MODE"] = "offline"
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return os.environ.get("WANDB_MODE", "online")
+
+
+def wandb_run_id(output_dir) -> str:
+    """The run id lives in the output folder, so a requeued or resumed job continues the same run."""
+    path = Path(output_dir) / "wandb_run_id.txt"
+    if path.is_file():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:12]
+    path.write_text(run_id + "\n")
+    return run_id
+
+
+def log_with(cfg) -> str | None:
+    if cfg.log.report_to == "wandb":
+        prepare_wandb_env()
+        return "wandb"
+    if cfg.log.report_to == "tensorboard":
+        return "tensorboard"
+    return None
+
+
+def init_trackers(accelerator, cfg) -> None:
+    if cfg.log.report_to == "none":
+        return
+    name = cfg.log.run_name or Path(cfg.output_dir).resolve().name
+    kwargs = {}
+    if cfg.log.report_to == "wandb":
+        run_id = wandb_run_id(cfg.output_dir) if accelerator.is_main_process else None
+        kwargs = {"wandb": {"dir": str(cfg.output_dir), "name": name, "id": run_id, "resume": "allow"}}
+    accelerator.init_trackers(cfg.log.project, config=_flat(cfg.to_dict()), init_kwargs=kwargs)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+    return out
+
+
+class MetricsLog:
+    """Append-only `metrics.jsonl`, one JSON object per log event, mirrored to the trackers.
+
+    On resume, records after the resumed step are dropped first, so a run that was interrupted
+    and resumed has the same metrics file as one that never stopped.
+    """
+
+    def __init__(self, accelerator, output_dir, resume_step: int | None = None):
+        self.accelerator = accelerator
+        self.path = Path(output_dir) / "metrics.jsonl"
+        if accelerator.is_main_process:
+            if resume_step is None:
+                self.path.write_text("")
+            elif self.path.exists():
+                kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+                self.path.write_text("".join(k + "\n" for k in kept))
+
+    def log(self, record: dict) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        clean = {k: _json_value(v) for k, v in record.items()}
+        with self.path.open("a") as f:
+            f.write(json.dumps(clean) + "\n")
+        split = record.get("split", "train")
+        numeric = {
+            (k if "/" in k else f"{split}/{k}"): v
+            for k, v in clean.items()
+            if k not in ("step", "split") and isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        if self.accelerator.trackers:
+            self.accelerator.log(numeric, step=int(record["step"]))
+
+
+def _json_value(v):
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v

@@ -1,0 +1,320 @@
+"""The training loop: `fit` → `train_one_epoch` / `evaluate`, with one resumable state.
+
+    summary = fit(load_config("configs/digits_source.yaml"))
+
+Same config, same training at every world size: the global batch is split across ranks, the
+data order and augmentation do not depend on the rank, losses and metrics are global, and the
+schedule advances once per real optimizer step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt
+from . import distributed as dist_utils
+from .config import Config, dump_config
+from .data import build_datasets, build_loaders, load_splits, normalization
+from .errors import UserError
+from .losses import build_loss
+from .metrics import classification_metrics
+from .models import build_model, head_prefixes, split_outputs
+from .param_groups import (
+    apply_static_freeze,
+    build_param_groups,
+    describe_groups,
+    drop_frozen_grads,
+    lr_log,
+    make_optimizer,
+    set_bn_eval,
+)
+from .preemption import EXIT_PREEMPTED, StopWatcher
+from .schedules import build_schedule
+from .tracking import MetricsLog, init_trackers, log_with
+
+AUX_LOSS_WEIGHT = 0.3  # GoogLeNet / Inception auxiliary heads, as in the GoogLeNet paper
+
+
+@dataclass
+class Progress:
+    """Where the run is; saved in every checkpoint as trainer_state.json."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # current epoch
+    step_in_epoch: int = 0  # optimizer steps done in the current epoch
+    val: dict = field(default_factory=dict)  # the last validation metrics
+
+
+class Preempted(Exception):
+    """Raised after the stop checkpoint is written; the CLI exits with EXIT_PREEMPTED."""
+
+
+def backbone_frozen(cfg: Config, epoch: int) -> bool:
+    m = cfg.model
+    return m.freeze_backbone and (m.unfreeze_at_epoch is None or epoch < m.unfreeze_at_epoch)
+
+
+def setup(cfg: Config):
+    """Everything `fit` needs, built in the order data → model → optimizer → schedule → prepare."""
+    from accelerate.utils import set_seed
+
+    accelerator = dist_utils.make_accelerator(
+        cfg.train.mixed_precision, cfg.train.grad_accum, log_with=log_with(cfg), project_dir=cfg.output_dir
+    )
+    n = accelerator.num_processes
+    if cfg.train.batch_size % (n * cfg.train.grad_accum):
+        raise UserError(
+            f"train.batch_size={cfg.train.batch_size} does not divide by {n} processes x train.grad_accum={cfg.train.grad_accum}; "
+            f"use a multiple of {n * cfg.train.grad_accum}"
+        )
+    eval_batch = cfg.train.eval_batch_size or cfg.train.batch_size
+    if eval_batch % n:
+        raise UserError(f"train.eval_batch_size={eval_batch} does not divide by {n} processes; use a multiple of {n}")
+    out = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_config(cfg))
+    accelerator.wait_for_everyone()
+
+    with accelerator.main_process_first():  # the first rank fills the datasets cache
+        splits = load_splits(cfg.data, cfg.seed)
+    num_classes = cfg.model.num_classes or (1 if cfg.task == "binary" else len(splits.class_names))
+    set_seed(cfg.seed)  # identical initial weights on every rank
+    model, report = build_model(cfg.model, num_classes)
+    train_ds, val_ds, num_classes = build_datasets(cfg, splits, normalization(report))
+    train_dl, val_dl, sampler = build_loaders(cfg, train_ds, val_ds)
+
+    heads = head_prefixes(model)
+    dynamic_freeze = cfg.model.freeze_backbone and cfg.model.unfreeze_at_epoch is not None
+    if cfg.model.freeze_backbone and not dynamic_freeze:
+        apply_static_freeze(model, heads)
+    groups = build_param_groups(model, heads, cfg.optim)
+    optimizer = make_optimizer(groups, cfg.optim)
+    steps_per_epoch = len(train_ds) // cfg.train.batch_size
+    schedule = build_schedule(cfg.schedule, optimizer, steps_per_epoch, cfg.train.epochs)
+    loss_fn = build_loss(cfg.loss, cfg.task, num_classes)
+    eval_loss_fn = build_loss(dataclasses.replace(cfg.loss, sync=False), cfg.task, num_classes)
+
+    model, prepared_opt, train_dl, val_dl = accelerator.prepare(model, optimizer, train_dl, val_dl)
+    accelerator.register_for_checkpointing(schedule)
+    return dict(
+        accelerator=accelerator, cfg=cfg, model=model, optimizer=prepared_opt, raw_optimizer=optimizer,
+        schedule=schedule, train_dl=train_dl, val_dl=val_dl, sampler=sampler, train_ds=train_ds,
+        loss_fn=loss_fn, eval_loss_fn=eval_loss_fn, heads=heads, dynamic_freeze=dynamic_freeze,
+        steps_per_epoch=steps_per_epoch, num_classes=num_classes, splits=splits, report=report, groups=groups,
+    )
+
+
+def print_start(ctx) -> None:
+    a, cfg = ctx["accelerator"], ctx["cfg"]
+    layout = dist_utils.layout()
+    n, k = a.num_processes, cfg.train.grad_accum
+    dist_utils.print0(
+        f"ddp-finetune: world size {n} (node rank {layout['node_rank']} of {layout['num_nodes']}, "
+        f"main address {layout['main_address']}), device {a.device}, mixed precision {cfg.train.mixed_precision}"
+    )
+    dist_utils.print0(
+        f"data: {len(ctx['train_ds'])} train images, {len(ctx['splits'].val)} validation ({ctx['splits'].val_source}), "
+        f"{ctx['num_classes']} classes; global batch {cfg.train.batch_size} = {n} processes x {k} accumulation x "
+        f"{cfg.train.batch_size // (n * k)} per micro-batch"
+    )
+    r = ctx["report"]
+    if r.get("weights"):
+        msg = f"weights: {r['weights']}; new head {', '.join(r['heads'])}"
+        if r["missing_keys"]:
+            msg += f"; missing {len(r['missing_keys'])} keys (e.g. {r['missing_keys'][0]})"
+        if r["unexpected_keys"]:
+            msg += f"; unexpected {len(r['unexpected_keys'])} keys (e.g. {r['unexpected_keys'][0]})"
+        if r["skipped_head_keys"]:
+            msg += f"; head keys not loaded: {', '.join(r['skipped_head_keys'])}"
+        dist_utils.print0(msg)
+    dist_utils.print0(describe_groups(ctx["groups"]))
+    dist_utils.print0(ctx["schedule"].describe())
+
+
+def _forward_loss(model, loss_fn, x, y):
+    logits, aux = split_outputs(model(x))
+    loss = loss_fn(logits, y)
+    for a in aux:
+        loss = loss + AUX_LOSS_WEIGHT * loss_fn(a, y)
+    return loss
+
+
+def evaluate(ctx) -> dict:
+    """Loss and metrics of the whole validation split, identical at every world size."""
+    a, model, cfg = ctx["accelerator"], ctx["model"], ctx["cfg"]
+    model.eval()
+    all_logits, all_targets = [], []
+    with torch.no_grad():
+        for x, y in ctx["val_dl"]:
+            logits, _ = split_outputs(model(x))
+            logits, y = a.gather_for_metrics((logits.float().contiguous(), y.contiguous()))
+            all_logits.append(logits.cpu())
+            all_targets.append(y.cpu())
+    if not all_logits:
+        return {}
+    logits, targets = torch.cat(all_logits), torch.cat(all_targets)
+    metrics = {"loss": ctx["eval_loss_fn"](logits, targets).item()}
+    metrics.update(classification_metrics(logits, targets, cfg.task))
+    metrics["count"] = int(logits.shape[0])
+    return metrics
+
+
+def train_one_epoch(ctx, prog: Progress, log: MetricsLog, watcher, bar) -> bool:
+    """One epoch from `prog.step_in_epoch`. Returns False when the run must stop early (max_steps)."""
+    a, cfg, model = ctx["accelerator"], ctx["cfg"], ctx["model"]
+    optimizer, schedule = ctx["optimizer"], ctx["schedule"]
+    epoch = prog.epoch
+    model.train()
+    if cfg.model.freeze_bn:
+        set_bn_eval(model)
+    frozen_now = ctx["dynamic_freeze"] and backbone_frozen(cfg, epoch)
+
+    # same epoch on the sampler, the dataset's augmentation seed and Accelerate's loader
+    ctx["sampler"].set_epoch(epoch)
+    ctx["train_ds"].epoch = epoch
+    loader = ctx["train_dl"]
+    loader.set_epoch(epoch)
+    if prog.step_in_epoch:
+        loader = a.skip_first_batches(loader, prog.step_in_epoch * cfg.train.grad_accum)
+
+    window = torch.zeros(2, dtype=torch.float64)  # local (loss sum, sample count) since the last log
+    window_images, window_start = 0, time.perf_counter()
+    for x, y in loader:
+        with a.accumulate(model):
+            loss = _forward_loss(model, ctx["loss_fn"], x, y)
+            a.backward(loss)
+            if a.sync_gradients:
+                if frozen_now:
+                    drop_frozen_grads(model, ctx["heads"])
+                if cfg.train.max_grad_norm:
+                    a.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        window += torch.tensor([loss.detach().float().item() * x.shape[0], x.shape[0]], dtype=torch.float64)
+        if not a.sync_gradients:
+            continue
+
+        # ---- one optimizer step done (or skipped by fp16 loss scaling)
+        prog.step += 1
+        prog.step_in_epoch += 1
+        window_images += cfg.train.batch_size
+        if not a.optimizer_step_was_skipped:
+            schedule.step()
+        if prog.step % cfg.log.every_n_steps == 0:
+            total = dist_utils.sum_across_ranks(window)  # sums and counts, then divide
+            elapsed = time.perf_counter() - window_start
+            record = {"step": prog.step, "epoch": epoch, "split": "train", "loss": (total[0] / total[1]).item()}
+            record.update(lr_log(ctx["raw_optimizer"]))
+            record["images_per_second"] = window_images / max(elapsed, 1e-9)
+            if a.optimizer_step_was_skipped:
+                record["skipped_step"] = True
+            log.log(record)
+            if bar is not None:
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{next(iter(lr_log(ctx['raw_optimizer']).values())):.2e}", img_s=f"{record['images_per_second']:.0f}")
+            window.zero_()
+            window_images, window_start = 0, time.perf_counter()
+        if bar is not None:
+            bar.update(1)
+
+        if cfg.checkpoint.every_n_steps and prog.step % cfg.checkpoint.every_n_steps == 0:
+            save(ctx, prog)
+        if dist_utils.any_rank(watcher.requested()):
+            save(ctx, prog)
+            if a.is_main_process:
+                (Path(cfg.output_dir) / "preempted.json").write_text(json.dumps({"step": prog.step, "epoch": epoch}) + "\n")
+            dist_utils.print0(f"ddp-finetune: stop requested; saved checkpoint at step {prog.step}, exiting with {EXIT_PREEMPTED}")
+            raise Preempted()
+        if cfg.train.max_steps and prog.step >= cfg.train.max_steps:
+            return False
+    return True
+
+
+def save(ctx, prog: Progress) -> Path:
+    cfg = ctx["cfg"]
+    return ckpt.save_checkpoint(
+        ctx["accelerator"], cfg.output_dir, prog.step, dataclasses.asdict(prog), dump_config(cfg), cfg.checkpoint.keep_last
+    )
+
+
+def fit(cfg: Config) -> dict:
+    """Train (or resume) per the config; returns the summary also written to summary.json."""
+    t0 = time.perf_counter()
+    resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, cfg.output_dir)
+    ctx = setup(cfg)
+    a = ctx["accelerator"]
+    prog = Progress()
+    if resume_from is not None:
+        # a checkpoint taken on an epoch's last step resumes into that epoch with nothing left to
+        # train: it still runs the epoch's evaluation and epoch-end schedule step
+        prog = Progress(**ckpt.load_checkpoint(a, resume_from))
+    print_start(ctx)
+    if resume_from is not None:
+        dist_utils.print0(f"resumed from {resume_from} at step {prog.step} (epoch {prog.epoch}, step {prog.step_in_epoch} in it)")
+    init_trackers(a, cfg)
+    log = MetricsLog(a, cfg.output_dir, resume_step=prog.step if resume_from is not None else None)
+    watcher = StopWatcher(cfg.output_dir)
+    watcher.install()
+    total_steps = ctx["steps_per_epoch"] * cfg.train.epochs
+    if cfg.train.max_steps:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    bar = None
+    if cfg.log.progress_bar and a.is_main_process:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=prog.step, desc="train", dynamic_ncols=True)
+
+    images_before = prog.step * cfg.train.batch_size
+    train_time = 0.0
+    try:
+        keep_going = True
+        while prog.epoch < cfg.train.epochs and keep_going:
+            start = time.perf_counter()
+            keep_going = train_one_epoch(ctx, prog, log, watcher, bar)
+            train_time += time.perf_counter() - start
+            epoch_done = prog.step_in_epoch >= ctx["steps_per_epoch"]
+            prog.val = evaluate(ctx)
+            log.log({"step": prog.step, "epoch": prog.epoch, "split": "val", **prog.val})
+            if epoch_done:
+                ctx["schedule"].epoch_end(prog.epoch, {f"val/{k}": v for k, v in prog.val.items()})
+                prog.epoch, prog.step_in_epoch = prog.epoch + 1, 0
+                if cfg.checkpoint.every_epoch and (keep_going and prog.epoch < cfg.train.epochs):
+                    save(ctx, prog)
+    finally:
+        watcher.uninstall()
+        if bar is not None:
+            bar.close()
+
+    weights = ckpt.save_final_weights(a, ctx["model"], cfg.output_dir)
+    images = prog.step * cfg.train.batch_size - images_before
+    summary = {
+        "world_size": a.num_processes,
+        "global_batch_size": cfg.train.batch_size,
+        "per_device_batch_size": cfg.train.batch_size // (a.num_processes * cfg.train.grad_accum),
+        "grad_accum": cfg.train.grad_accum,
+        "steps": prog.step,
+        "epochs": prog.epoch,
+        "val": prog.val,
+        "wall_time_s": time.perf_counter() - t0,
+        "images_per_second": images / train_time if train_time > 0 else None,
+        "final_weights": str(weights),
+        "resumed_from": str(resume_from) if resume_from else None,
+        "mixed_precision": cfg.train.mixed_precision,
+    }
+    if a.is_main_process:
+        Path(cfg.output_dir, "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        stale = Path(cfg.output_dir) / "preempted.json"
+        if stale.exists():
+            stale.unlink()
+        vals = ", ".join(f"{k} {v:.4f}" for k, v in prog.val.items() if isinstance(v, float))
+        print(f"done: {prog.step} steps, validation {vals}; weights {weights}", flush=True)
+    a.end_training()
+    return summary
