@@ -21,8 +21,12 @@ SOURCE_DIGITS = (0, 1, 2, 3, 4)
 TARGET_DIGITS = (5, 6, 7, 8, 9)
 
 
-def make_digits_folders(root, target_train_per_class: int = 10, size: int = 32, seed: int = 0) -> dict:
-    """Write `digits_source/<d>/*.png` and `digits_target/{train,validation}/<d>/*.png`."""
+def make_digits_folders(root, target_train_per_class: int = 10, target_val_per_class: int = 60, size: int = 32, seed: int = 0) -> dict:
+    """Write `digits_source/<d>/*.png` and `digits_target/{train,validation}/<d>/*.png`.
+
+    The target task gets few labelled training images (the point of transfer learning) and a
+    validation set large enough to tell 1% apart, small enough to evaluate every epoch quickly.
+    """
     try:
         from sklearn.datasets import load_digits
     except ImportError:
@@ -42,6 +46,8 @@ def make_digits_folders(root, target_train_per_class: int = 10, size: int = 32, 
         if label in SOURCE_DIGITS:
             folder, key = root / "digits_source" / str(label), "source"
         else:
+            if seen[label] >= target_train_per_class + target_val_per_class:
+                continue
             split = "train" if seen[label] < target_train_per_class else "validation"
             seen[label] += 1
             folder, key = root / "digits_target" / split / str(label), f"target_{split}"

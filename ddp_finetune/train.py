@@ -29,12 +29,14 @@ from .metrics import classification_metrics
 from .models import build_model, head_prefixes, split_outputs
 from .param_groups import (
     apply_static_freeze,
+    backbone_frozen,
     build_param_groups,
     describe_groups,
     drop_frozen_grads,
     lr_log,
     make_optimizer,
     set_bn_eval,
+    uses_static_freeze,
 )
 from .preemption import EXIT_PREEMPTED, StopWatcher
 from .schedules import build_schedule
@@ -55,11 +57,6 @@ class Progress:
 
 class Preempted(Exception):
     """Raised after the stop checkpoint is written; the CLI exits with EXIT_PREEMPTED."""
-
-
-def backbone_frozen(cfg: Config, epoch: int) -> bool:
-    m = cfg.model
-    return m.freeze_backbone and (m.unfreeze_at_epoch is None or epoch < m.unfreeze_at_epoch)
 
 
 def setup(cfg: Config):
@@ -93,8 +90,10 @@ def setup(cfg: Config):
     train_dl, val_dl, sampler = build_loaders(cfg, train_ds, val_ds)
 
     heads = head_prefixes(model)
-    dynamic_freeze = cfg.model.freeze_backbone and cfg.model.unfreeze_at_epoch is not None
-    if cfg.model.freeze_backbone and not dynamic_freeze:
+    # frozen for the whole run: requires_grad=False before DDP wraps the model (saves compute);
+    # frozen until an epoch: grads are dropped each step instead, so DDP registers every param
+    dynamic_freeze = cfg.model.freeze_backbone and not uses_static_freeze(cfg.model)
+    if uses_static_freeze(cfg.model):
         apply_static_freeze(model, heads)
     groups = build_param_groups(model, heads, cfg.optim)
     optimizer = make_optimizer(groups, cfg.optim)
@@ -176,7 +175,7 @@ def train_one_epoch(ctx, prog: Progress, log: MetricsLog, watcher, bar) -> bool:
     model.train()
     if cfg.model.freeze_bn:
         set_bn_eval(model)
-    frozen_now = ctx["dynamic_freeze"] and backbone_frozen(cfg, epoch)
+    frozen_now = ctx["dynamic_freeze"] and backbone_frozen(epoch, cfg.model)
 
     # same epoch on the sampler, the dataset's augmentation seed and Accelerate's loader
     ctx["sampler"].set_epoch(epoch)

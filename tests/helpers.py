@@ -1,0 +1,101 @@
+"""Shared helpers for the tests that train: tiny configs, in-process and launched runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_config(tmp_path, image_folder, **sections) -> Path:
+    """A YAML config that trains resnet18 on 16px images in a few seconds."""
+    cfg = {
+        "output_dir": str(tmp_path / "run"),
+        "seed": 0,
+        "data": {"path": str(image_folder), "image_size": 16, "augment": False, "val_fraction": 0.25},
+        "model": {"name": "resnet18", "freeze_bn": True},
+        "train": {"epochs": 2, "batch_size": 6},
+        "optim": {"lr": 0.01},
+        "log": {"progress_bar": False, "every_n_steps": 1},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            cfg.setdefault(section, {}).update(values)
+        else:
+            cfg[section] = values
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def child_env() -> dict:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", WANDB_MODE="offline", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+def run_cli(*args, timeout=600, check=True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "ddp_finetune", *map(str, args)], capture_output=True, text=True, env=child_env(), timeout=timeout, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def accelerate_cmd() -> list[str]:
+    exe = shutil.which("accelerate")
+    return [exe] if exe else [sys.executable, "-m", "accelerate.commands.launch"]
+
+
+def launch_2proc(*args, port=29517, timeout=600, check=True) -> subprocess.CompletedProcess:
+    """`accelerate launch --multi_gpu --num_processes 2 -m ddp_finetune ...` (2 gloo ranks on CPU)."""
+    cmd = [*accelerate_cmd(), *(["launch"] if accelerate_cmd()[0].endswith("accelerate") else []),
+           "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--main_process_port", str(port), "-m", "ddp_finetune", *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=timeout, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def load_weights(run_dir) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(run_dir) / "final" / "model.safetensors"))
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def read_metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def read_summary(run_dir) -> dict:
+    return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+def fit_in_process(config_path, *overrides) -> dict:
+    """Run `fit` in this process (faster than a subprocess), with Accelerate's singletons reset."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from ddp_finetune.config import load_config
+    from ddp_finetune.train import fit
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    try:
+        return fit(load_config(config_path, list(overrides)))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()

@@ -1,0 +1,113 @@
+"""Data from a generated image folder and from a saved dataset; transforms; the sampler."""
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from datagen import make_image_folder
+from ddp_finetune.config import config_from_dict
+from ddp_finetune.data import EpochSampler, build_datasets, build_loaders, load_splits
+from ddp_finetune.errors import UserError
+
+
+def _cfg(path, *overrides, source="imagefolder"):
+    return config_from_dict({"data": {"path": str(path), "source": source, "image_size": 16}, "train": {"batch_size": 4}}, list(overrides))
+
+
+def test_image_folder_with_seeded_val_fraction(image_folder):
+    cfg = _cfg(image_folder, "data.val_fraction=0.25")
+    a, b = load_splits(cfg.data, seed=0), load_splits(cfg.data, seed=0)
+    assert a.class_names == ["cat", "dog", "fox"]
+    assert len(a.train) == 18 and len(a.val) == 6 and a.val_source == "val_fraction"
+    assert a.val["image"][0].tobytes() == b.val["image"][0].tobytes(), "the split is seeded"
+    c = load_splits(cfg.data, seed=1)
+    assert [x.tobytes() for x in a.val["image"]] != [x.tobytes() for x in c.val["image"]]
+
+
+def test_image_folder_split_folders(tmp_path):
+    root = make_image_folder(tmp_path / "split", per_class=4, splits=["train", "validation"])
+    s = load_splits(_cfg(root).data, seed=0)
+    assert s.val_source == "validation" and len(s.train) == 12 and len(s.val) == 12
+
+
+def test_grayscale_and_rgba_become_rgb_tensors(tmp_path):
+    for mode in ("L", "RGBA"):
+        root = make_image_folder(tmp_path / mode, per_class=4, mode=mode)
+        cfg = _cfg(root)
+        train, val, num_classes = build_datasets(cfg, load_splits(cfg.data, 0))
+        x, y = val[0]
+        assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and num_classes == 3
+        assert isinstance(y, int)
+
+
+def test_saved_dataset_with_string_labels(tmp_path):
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)) for _ in range(10)]
+    ds = datasets.Dataset.from_dict({"img": images, "kind": ["b", "a"] * 5}, features=datasets.Features({"img": datasets.Image(), "kind": datasets.Value("string")}))
+    datasets.DatasetDict({"train": ds, "test": ds.select(range(4))}).save_to_disk(str(tmp_path / "saved"))
+    cfg = _cfg(tmp_path / "saved", "data.image_column=img", "data.label_column=kind", source="disk")
+    splits = load_splits(cfg.data, 0)
+    assert splits.val_source == "test" and splits.class_names == ["a", "b"]
+    train, _, _ = build_datasets(cfg, splits)
+    assert [train[i][1] for i in range(4)] == [1, 0, 1, 0]
+    assert train[0][0].shape == (3, 16, 16)
+
+
+def test_missing_path_and_columns(tmp_path, image_folder):
+    with pytest.raises(UserError, match="does not exist"):
+        load_splits(_cfg(tmp_path / "nowhere").data, 0)
+    with pytest.raises(UserError, match="data.label_column='species' is not a column.*label"):
+        load_splits(_cfg(image_folder, "data.label_column=species").data, 0)
+    with pytest.raises(UserError, match="data.val_split='dev' is not in the dataset"):
+        load_splits(_cfg(image_folder, "data.val_split=dev").data, 0)
+
+
+def test_not_a_saved_dataset(image_folder):
+    with pytest.raises(UserError, match="not a dataset saved with save_to_disk"):
+        load_splits(_cfg(image_folder, source="disk").data, 0)
+
+
+def test_hub_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="Hugging Face Hub"):
+        load_splits(_cfg("someone/no-such-dataset-xyz", source="hub").data, 0)
+
+
+def test_augmentation_is_seeded_per_sample_not_per_process(image_folder):
+    cfg = _cfg(image_folder, "data.augment=true")
+    train, _, _ = build_datasets(cfg, load_splits(cfg.data, 0))
+    first = train[3][0]
+    torch.manual_seed(123)  # the global RNG must not matter
+    assert torch.equal(train[3][0], first)
+    train.epoch = 1
+    assert not torch.equal(train[3][0], first), "a new epoch draws new crops"
+
+
+def test_sampler_same_order_everywhere_and_whole_batches():
+    s = EpochSampler(length=23, batch_size=4, seed=5)
+    s.set_epoch(2)
+    order = list(s)
+    assert len(order) == 20 and len(set(order)) == 20
+    t = EpochSampler(length=23, batch_size=4, seed=5)
+    t.set_epoch(2)
+    assert list(t) == order
+    t.set_epoch(3)
+    assert list(t) != order
+
+
+def test_loader_batch_is_the_global_micro_batch(image_folder):
+    cfg = _cfg(image_folder, "train.batch_size=8", "train.grad_accum=2")
+    train, val, _ = build_datasets(cfg, load_splits(cfg.data, 0))
+    train_dl, _, _ = build_loaders(cfg, train, val)
+    sizes = [x.shape[0] for x, _ in train_dl]
+    assert sizes == [4] * (len(train) // 8 * 2)
+
+
+def test_too_small_for_the_batch(image_folder):
+    cfg = _cfg(image_folder, "train.batch_size=64")
+    train, val, _ = build_datasets(cfg, load_splits(cfg.data, 0))
+    with pytest.raises(UserError, match="fewer than train.batch_size=64"):
+        build_loaders(cfg, train, val)
