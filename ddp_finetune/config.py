@@ -129,7 +129,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     """Weight decay (decoupled for AdamW)."""
     no_decay_norm_bias: bool = True
-    """No weight decay on normalization weights and biases."""
+    """No weight decay on normalization weights and biases (only matters when `weight_decay` > 0)."""
     layer_decay: Optional[float] = None
     """Layer-wise lr decay in (0, 1]: a backbone block at depth d from the head gets lr x layer_decay^d."""
 
@@ -154,11 +154,11 @@ class ScheduleConfig:
     interval: str = "step"
     """Step a torch scheduler every optimizer `step` or every `epoch`."""
     warmup_steps: int = 0
-    """Linear warmup over this many optimizer steps before the schedule."""
+    """Linear warmup over this many optimizer steps: step s < W uses start_lr x (s+1)/(W+1); the schedule's own step 0 is optimizer step W."""
     warmup_epochs: float = 0
     """Linear warmup in epochs (converted to optimizer steps); used when `warmup_steps` is 0."""
     every: int = 30
-    """`step_decay`: decay every this many epochs."""
+    """`step_decay`: decay every this many epochs (counted after warmup)."""
     gamma: float = 0.1
     """`step_decay`: multiplicative decay."""
     args: dict = field(default_factory=dict)
@@ -184,7 +184,7 @@ class LossConfig:
     smooth: float = 1.0
     """Dice / IoU / Tversky smoothing constant s."""
     alpha: Optional[float] = 0.25
-    """Focal alpha (null: no class balancing); Tversky weight of false positives."""
+    """Focal: weight of the positive class (null: no balancing). Tversky: weight of false positives (alpha=beta=0.5 is Dice; set it for Tversky)."""
     beta: float = 0.5
     """Tversky weight of false negatives."""
     gamma: float = 2.0
