@@ -38,7 +38,7 @@ from .param_groups import (
     set_bn_eval,
     uses_static_freeze,
 )
-from .preemption import EXIT_PREEMPTED, StopWatcher
+from .preemption import EXIT_PREEMPTED, PREEMPTED_FILE, StopWatcher
 from .schedules import build_schedule
 from .tracking import MetricsLog, init_trackers, log_with
 
@@ -185,7 +185,8 @@ def train_one_epoch(ctx, prog: Progress, log: MetricsLog, watcher, bar) -> bool:
     if prog.step_in_epoch:
         loader = a.skip_first_batches(loader, prog.step_in_epoch * cfg.train.grad_accum)
 
-    window = torch.zeros(2, dtype=torch.float64)  # local (loss sum, sample count) since the last log
+    # local (loss sum, sample count) since the last log, kept on the device: no host sync per step
+    window = torch.zeros(2, dtype=torch.float64, device=a.device)
     window_images, window_start = 0, time.perf_counter()
     for x, y in loader:
         with a.accumulate(model):
@@ -198,7 +199,8 @@ def train_one_epoch(ctx, prog: Progress, log: MetricsLog, watcher, bar) -> bool:
                     a.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        window += torch.tensor([loss.detach().float().item() * x.shape[0], x.shape[0]], dtype=torch.float64)
+        window[0] += loss.detach().double() * x.shape[0]
+        window[1] += x.shape[0]
         if not a.sync_gradients:
             continue
 
@@ -206,19 +208,21 @@ def train_one_epoch(ctx, prog: Progress, log: MetricsLog, watcher, bar) -> bool:
         prog.step += 1
         prog.step_in_epoch += 1
         window_images += cfg.train.batch_size
+        # log the lr this step used (index s of lr_plot.simulate_lrs), not the next step's
+        step_lrs = lr_log(ctx["raw_optimizer"])
         if not a.optimizer_step_was_skipped:
             schedule.step()
         if prog.step % cfg.log.every_n_steps == 0:
             total = dist_utils.sum_across_ranks(window)  # sums and counts, then divide
             elapsed = time.perf_counter() - window_start
             record = {"step": prog.step, "epoch": epoch, "split": "train", "loss": (total[0] / total[1]).item()}
-            record.update(lr_log(ctx["raw_optimizer"]))
+            record.update(step_lrs)
             record["images_per_second"] = window_images / max(elapsed, 1e-9)
             if a.optimizer_step_was_skipped:
                 record["skipped_step"] = True
             log.log(record)
             if bar is not None:
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{next(iter(lr_log(ctx['raw_optimizer']).values())):.2e}", img_s=f"{record['images_per_second']:.0f}")
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{next(iter(step_lrs.values())):.2e}", img_s=f"{record['images_per_second']:.0f}")
             window.zero_()
             window_images, window_start = 0, time.perf_counter()
         if bar is not None:
@@ -226,11 +230,18 @@ def train_one_epoch(ctx, prog: Progress, log: MetricsLog, watcher, bar) -> bool:
 
         if cfg.checkpoint.every_n_steps and prog.step % cfg.checkpoint.every_n_steps == 0:
             save(ctx, prog)
-        if dist_utils.any_rank(watcher.requested()):
+        if dist_utils.any_rank(watcher.requested(), device=a.device):
             save(ctx, prog)
             if a.is_main_process:
-                (Path(cfg.output_dir) / "preempted.json").write_text(json.dumps({"step": prog.step, "epoch": epoch}) + "\n")
-            dist_utils.print0(f"ddp-finetune: stop requested; saved checkpoint at step {prog.step}, exiting with {EXIT_PREEMPTED}")
+                (Path(cfg.output_dir) / PREEMPTED_FILE).write_text(json.dumps({"step": prog.step, "epoch": epoch}) + "\n")
+                watcher.clear()  # honoured: the resumed run must not stop at once
+            # no rank exits before preempted.json exists: under `srun --kill-on-bad-exit` the
+            # first rank to exit ends the others, and the SLURM templates requeue only on that file
+            a.wait_for_everyone()
+            dist_utils.print0(
+                f"ddp-finetune: stop requested ({watcher.reason or 'by another rank'}); "
+                f"saved checkpoint at step {prog.step}, exiting with {EXIT_PREEMPTED}"
+            )
             raise Preempted()
         if cfg.train.max_steps and prog.step >= cfg.train.max_steps:
             return False
@@ -310,9 +321,8 @@ def fit(cfg: Config) -> dict:
     }
     if a.is_main_process:
         Path(cfg.output_dir, "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        stale = Path(cfg.output_dir) / "preempted.json"
-        if stale.exists():
-            stale.unlink()
+        (Path(cfg.output_dir) / PREEMPTED_FILE).unlink(missing_ok=True)
+        watcher.clear()
         vals = ", ".join(f"{k} {v:.4f}" for k, v in prog.val.items() if isinstance(v, float))
         print(f"done: {prog.step} steps, validation {vals}; weights {weights}", flush=True)
     a.end_training()

@@ -1,0 +1,175 @@
+"""Stopping a run on request: the StopWatcher itself, then real runs stopped mid-training.
+
+    pytest tests/test_preemption.py
+
+The end-to-end tests need no SLURM: a 1-process run is sent SIGTERM and must checkpoint, exit
+with EXIT_PREEMPTED and resume to the same weights as an uninterrupted run; a 2-process
+`accelerate launch` run is stopped with the stop file, the mechanism the SLURM templates use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
+
+from preempt_runs import (  # noqa: E402
+    REPO,
+    TOTAL_STEPS,
+    accelerate_cmd,
+    child_env,
+    make_setup,
+    max_weight_diff,
+    reference_run,
+    stop_process,
+    train_cmd,
+    wait_until_training,
+)
+
+from ddp_finetune.preemption import EXIT_PREEMPTED, PREEMPTED_FILE, SIGNALS, STOP_FILE, StopWatcher  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- StopWatcher
+@pytest.fixture
+def watcher(tmp_path):
+    w = StopWatcher(tmp_path, poll_interval=0)
+    before = {s: signal.getsignal(s) for s in SIGNALS}
+    w.install()
+    yield w
+    w.uninstall()
+    assert {s: signal.getsignal(s) for s in SIGNALS} == before, "uninstall must restore the previous handlers"
+
+
+@pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: s.name)
+def test_signal_only_sets_the_flag(watcher, sig):
+    assert not watcher.requested() and watcher.reason is None
+    os.kill(os.getpid(), sig)  # handled before the next line runs
+    assert watcher.requested()
+    assert watcher.reason == sig.name
+
+
+def test_second_sigint_aborts_at_once(watcher):
+    os.kill(os.getpid(), signal.SIGINT)
+    assert watcher.requested()
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)  # the handler runs before the next bytecode
+
+
+def test_other_signals_never_abort(watcher):
+    for _ in range(3):
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGUSR1)
+    os.kill(os.getpid(), signal.SIGINT)  # the first SIGINT: still only a request
+    assert watcher.reason == "SIGTERM"
+
+
+def test_stop_file_is_a_request_and_clear_removes_it(tmp_path):
+    w = StopWatcher(tmp_path, poll_interval=0)
+    assert not w.requested()
+    (tmp_path / STOP_FILE).touch()
+    assert w.requested()
+    assert w.reason == f"stop file {tmp_path / STOP_FILE}"
+    w.clear()
+    assert not (tmp_path / STOP_FILE).exists()
+    assert w.requested(), "a request, once seen, stays until the run ends"
+    w.clear()  # clearing twice is fine
+
+
+def test_stop_file_is_polled_at_most_once_per_interval(tmp_path):
+    w = StopWatcher(tmp_path, poll_interval=3600)
+    assert not w.requested()  # the first call polls
+    (tmp_path / STOP_FILE).touch()
+    assert not w.requested(), "the next poll is an hour away"
+    assert StopWatcher(tmp_path, poll_interval=3600).requested()
+
+
+def test_install_off_the_main_thread_is_a_noop(tmp_path):
+    before = signal.getsignal(signal.SIGTERM)
+    errors = []
+
+    def run():
+        try:
+            StopWatcher(tmp_path).install().uninstall()
+        except Exception as exc:  # noqa: BLE001 - the assertion below reports it
+            errors.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert not errors and signal.getsignal(signal.SIGTERM) is before
+
+
+def test_exit_code_is_distinct():
+    from ddp_finetune.errors import EXIT_USER_ERROR
+
+    assert EXIT_PREEMPTED not in (0, 1, EXIT_USER_ERROR, 130) and 0 < EXIT_PREEMPTED < 126
+
+
+# ----------------------------------------------------------------------------- real runs
+@pytest.fixture(scope="module")
+def setup_root(tmp_path_factory):
+    # the session's base folder, so tests/test_slurm.py shares the data and the reference run
+    return tmp_path_factory.getbasetemp() / "preempt_setup"
+
+
+@pytest.mark.slow
+def test_sigterm_mid_training_checkpoints_and_resumes_to_the_same_weights(setup_root, tmp_path):
+    config = make_setup(setup_root)
+    out = tmp_path / "run"
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(train_cmd(config, out), cwd=REPO, env=child_env(), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_until_training(out, proc, what="the 1-process run")
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(120)
+    finally:
+        stop_process(proc)
+    first = (tmp_path / "first.log").read_text()
+    assert rc == EXIT_PREEMPTED, first[-3000:]
+    step = json.loads((out / PREEMPTED_FILE).read_text())["step"]
+    assert 0 < step < TOTAL_STEPS, f"stopped at step {step}, not in the middle of the {TOTAL_STEPS} steps"
+    assert (out / "checkpoints" / f"step_{step}").is_dir()
+    assert not (out / "summary.json").exists()
+
+    again = subprocess.run(train_cmd(config, out, "checkpoint.resume=auto"), cwd=REPO, env=child_env(),
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == TOTAL_STEPS
+    assert summary["resumed_from"].endswith(f"step_{step}")
+    assert not (out / PREEMPTED_FILE).exists(), "a finished run removes the stale preempted.json"
+    diff = max_weight_diff(out / "final" / "model.safetensors", reference_run(setup_root))
+    assert diff <= 1e-6, f"resumed run differs from the uninterrupted one by {diff}"
+
+
+@pytest.mark.slow
+def test_stop_file_stops_every_rank_of_an_accelerate_launch(setup_root, tmp_path):
+    """2 ranks under torchrun: the stop file reaches both; the launcher's exit status is not
+    EXIT_PREEMPTED (torchrun reports 1), which is why the templates read preempted.json."""
+    config = make_setup(setup_root)
+    out = tmp_path / "run"
+    log_path = tmp_path / "launch.log"
+    cmd = accelerate_cmd(2) + ["-m", "ddp_finetune", "train", str(config), f"output_dir={out}"]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_until_training(out, proc, what="the 2-process run")
+            (out / STOP_FILE).touch()
+            rc = proc.wait(180)
+        finally:
+            stop_process(proc)
+    text = log_path.read_text()
+    assert rc != 0, text[-3000:]
+    step = json.loads((out / PREEMPTED_FILE).read_text())["step"]
+    assert 0 < step < TOTAL_STEPS
+    assert (out / "checkpoints" / f"step_{step}").is_dir()
+    assert f"exitcode  : {EXIT_PREEMPTED}" in text, "both ranks exit with EXIT_PREEMPTED under torchrun"
+    assert not (out / STOP_FILE).exists(), "the honoured stop file is removed, or the resumed run would stop at once"
