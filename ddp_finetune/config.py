@@ -68,7 +68,7 @@ class ModelConfig:
     freeze_bn: bool = False
     """Keep BatchNorm layers in eval mode (running statistics fixed). Needed for identical training across world sizes on CPU, where BatchNorm cannot be synchronized."""
     freeze_backbone: bool = False
-    """Train only the head (feature extraction)."""
+    """Train only the head (feature extraction); the backbone's weights and BatchNorm statistics stay fixed."""
     unfreeze_at_epoch: Optional[int] = None
     """With `freeze_backbone`: the epoch (0-based) from which the backbone trains too (gradual unfreezing)."""
 

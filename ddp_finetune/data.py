@@ -145,7 +145,7 @@ def _to_rgb(image):
 class ImageDataset(Dataset):
     """A Hugging Face split as (image tensor, target) pairs.
 
-    Targets: class index (classification), float 0/1 (binary), multi-hot float vector (multilabel).
+    Targets: class index (classification), float 0/1 of shape (1,) (binary), multi-hot float vector (multilabel).
     Random transforms are seeded per (seed, epoch, index), so they do not depend on which rank,
     worker or restart loads the sample.
     """
@@ -170,7 +170,9 @@ class ImageDataset(Dataset):
             return t
         index = self._index(label)
         if self.task == "binary":
-            return torch.tensor(float(index))
+            # shape (1,): a batch of targets (N, 1) matches the model's one logit (N, 1), so a
+            # user loss such as F.binary_cross_entropy_with_logits(logits, targets) just works
+            return torch.tensor([float(index)])
         return index
 
     def _index(self, label):

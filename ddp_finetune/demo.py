@@ -21,7 +21,7 @@ SOURCE_DIGITS = (0, 1, 2, 3, 4)
 TARGET_DIGITS = (5, 6, 7, 8, 9)
 
 
-def make_digits_folders(root, target_train_per_class: int = 10, target_val_per_class: int = 60, size: int = 32, seed: int = 0) -> dict:
+def make_digits_folders(root, target_train_per_class: int = 5, target_val_per_class: int = 60, size: int = 32, seed: int = 0) -> dict:
     """Write `digits_source/<d>/*.png` and `digits_target/{train,validation}/<d>/*.png`.
 
     The target task gets few labelled training images (the point of transfer learning) and a

@@ -173,9 +173,10 @@ def train_one_epoch(ctx, prog: Progress, log: MetricsLog, watcher, bar) -> bool:
     optimizer, schedule = ctx["optimizer"], ctx["schedule"]
     epoch = prog.epoch
     model.train()
-    if cfg.model.freeze_bn:
-        set_bn_eval(model)
     frozen_now = ctx["dynamic_freeze"] and backbone_frozen(epoch, cfg.model)
+    # a frozen backbone is frozen entirely: its BatchNorm statistics stay fixed too
+    if cfg.model.freeze_bn or backbone_frozen(epoch, cfg.model):
+        set_bn_eval(model)
 
     # same epoch on the sampler, the dataset's augmentation seed and Accelerate's loader
     ctx["sampler"].set_epoch(epoch)

@@ -60,7 +60,9 @@ def launch_2proc(*args, port=29517, timeout=600, check=True) -> subprocess.Compl
     cmd = [*accelerate_cmd(), *(["launch"] if accelerate_cmd()[0].endswith("accelerate") else []),
            "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "--main_process_port", str(port), "-m", "ddp_finetune", *map(str, args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=timeout, cwd=ROOT)
+    env = child_env()
+    env["CUDA_VISIBLE_DEVICES"] = ""  # 2 gloo ranks on the CPU, also on a machine with one GPU
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}")
     return proc
