@@ -555,6 +555,27 @@ class CrossEntropyLoss(_Loss):
 
 # --------------------------------------------------------------------------- factory
 
+LOSS_FUNCTIONS = {
+    "cross_entropy": cross_entropy_loss,
+    "dice": dice_loss,
+    "dice_bce": dice_bce_loss,
+    "iou": iou_loss,
+    "focal": focal_loss,
+    "tversky": tversky_loss,
+}
+"""Each built-in loss by its `loss.name`, as a function."""
+
+LOSS_MODULES = {
+    "cross_entropy": CrossEntropyLoss,
+    "dice": DiceLoss,
+    "dice_bce": DiceBCELoss,
+    "iou": IoULoss,
+    "focal": FocalLoss,
+    "tversky": TverskyLoss,
+}
+"""Each built-in loss by its `loss.name`, as an `nn.Module` class."""
+
+
 def build_loss(cfg_loss, task: str, num_classes: int) -> Callable[[Tensor, Tensor], Tensor]:
     """The loss named by `cfg.loss` (a `config.LossConfig`) as a callable(logits, targets) -> scalar.
 

@@ -28,22 +28,8 @@ from ddp_finetune.errors import UserError
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "losses_2proc.py"
 
-FUNCTIONS = {
-    "cross_entropy": L.cross_entropy_loss,
-    "dice": L.dice_loss,
-    "dice_bce": L.dice_bce_loss,
-    "iou": L.iou_loss,
-    "focal": L.focal_loss,
-    "tversky": L.tversky_loss,
-}
-MODULES = {
-    "cross_entropy": L.CrossEntropyLoss,
-    "dice": L.DiceLoss,
-    "dice_bce": L.DiceBCELoss,
-    "iou": L.IoULoss,
-    "focal": L.FocalLoss,
-    "tversky": L.TverskyLoss,
-}
+FUNCTIONS = L.LOSS_FUNCTIONS
+MODULES = L.LOSS_MODULES
 MODES = ("binary", "multilabel", "multiclass")
 ALL = [(name, mode) for name in FUNCTIONS for mode in MODES]
 IGNORE = {"binary": -1, "multilabel": -1, "multiclass": 255}

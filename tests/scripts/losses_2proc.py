@@ -28,14 +28,7 @@ from ddp_finetune import losses as L
 from ddp_finetune.distributed import make_accelerator
 from ddp_finetune.errors import UserError
 
-FUNCTIONS = {
-    "cross_entropy": L.cross_entropy_loss,
-    "dice": L.dice_loss,
-    "dice_bce": L.dice_bce_loss,
-    "iou": L.iou_loss,
-    "focal": L.focal_loss,
-    "tversky": L.tversky_loss,
-}
+FUNCTIONS = L.LOSS_FUNCTIONS
 GLOBAL_BATCH = 8
 SPLITS = {"halves": 4, "uneven": 3}
 DTYPES = (torch.float64, torch.float32)  # samples on rank 0; rank 1 gets the rest
