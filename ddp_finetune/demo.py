@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from .errors import UserError
@@ -68,6 +69,10 @@ def run_demo(out="runs/demo", overrides=()) -> dict:
         print(f"demo: wrote {counts['source']} source images (digits 0-4), {counts['target_train']} target training "
               f"and {counts['target_validation']} target validation images (digits 5-9) under {data}", flush=True)
     source_dir, target_dir = out / "source", out / "target_finetuned"
+    for run_dir in (source_dir, target_dir, out / "target_scratch"):
+        if run_dir.exists():  # the demo's own runs from an earlier `ddp-finetune demo`: start over
+            print(f"demo: replacing the earlier demo run {run_dir}", flush=True)
+            shutil.rmtree(run_dir)
     common = [*overrides]
     source = load_config(CONFIGS / "digits_source.yaml", [f"output_dir={source_dir}", f"data.path={data / 'digits_source'}", *common])
     print("\n== 1/3 source task: ResNet-18 from scratch on digits 0-4", flush=True)

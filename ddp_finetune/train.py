@@ -260,6 +260,13 @@ def fit(cfg: Config) -> dict:
     """Train (or resume) per the config; returns the summary also written to summary.json."""
     t0 = time.perf_counter()
     resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, cfg.output_dir)
+    earlier = ckpt.latest_checkpoint(cfg.output_dir)
+    if resume_from is None and earlier is not None:
+        # starting over would mix two runs' checkpoints, and keep_last would prune the new ones
+        raise UserError(
+            f"output_dir={cfg.output_dir!r} already holds checkpoints of an earlier run (newest {earlier.name}); "
+            "continue it with checkpoint.resume=auto, or use a new output_dir"
+        )
     ctx = setup(cfg)
     a = ctx["accelerator"]
     prog = Progress()

@@ -83,3 +83,12 @@ def test_launcher_world_size_must_match_the_accelerator(monkeypatch):
     with pytest.raises(UserError, match="WORLD_SIZE=2 .* sees 1"):
         check_world_size(1)
     check_world_size(2)
+
+
+def test_a_fresh_run_refuses_an_output_dir_with_checkpoints(tmp_path, image_folder):
+    config = tiny_config(tmp_path, image_folder, train={"epochs": 1}, checkpoint={"every_n_steps": 1})
+    fit_in_process(config)
+    before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    with pytest.raises(UserError, match="already holds checkpoints of an earlier run.*checkpoint.resume=auto"):
+        fit_in_process(config)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
