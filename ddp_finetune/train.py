@@ -81,11 +81,13 @@ def setup(cfg: Config):
         (out / "config.yaml").write_text(dump_config(cfg))
     accelerator.wait_for_everyone()
 
-    with accelerator.main_process_first():  # the first rank fills the datasets cache
+    # the first rank of each node fills the node's caches (datasets, $TORCH_HOME), the others read
+    with accelerator.local_main_process_first():
         splits = load_splits(cfg.data, cfg.seed)
     num_classes = cfg.model.num_classes or (1 if cfg.task == "binary" else len(splits.class_names))
-    set_seed(cfg.seed)  # identical initial weights on every rank
-    model, report = build_model(cfg.model, num_classes)
+    with accelerator.local_main_process_first():
+        set_seed(cfg.seed)  # identical initial weights on every rank
+        model, report = build_model(cfg.model, num_classes)
     train_ds, val_ds, num_classes = build_datasets(cfg, splits, normalization(report))
     train_dl, val_dl, sampler = build_loaders(cfg, train_ds, val_ds)
 
