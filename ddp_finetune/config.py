@@ -25,7 +25,7 @@ from .errors import UserError
 class DataConfig:
     source: str = "imagefolder"
     """Where the images come from: `imagefolder` (a local folder of class sub-folders, or split folders
-    `train/`, `validation/`), `disk` (a dataset saved with `save_to_disk`) or `hub` (a Hugging Face Hub name)."""
+    `train/`, `validation/`; segmentation: `images/` and `masks/` folders, optionally under split folders), `disk` (a dataset saved with `save_to_disk`) or `hub` (a Hugging Face Hub name)."""
     path: Optional[str] = None
     """Folder (imagefolder, disk) or dataset name (hub)."""
     train_split: str = "train"
@@ -38,6 +38,10 @@ class DataConfig:
     """Column holding the images (PIL images or paths)."""
     label_column: str = "label"
     """Column holding the labels: a class index (classification, binary) or a list of class indices / a multi-hot vector (multilabel)."""
+    mask_column: str = "mask"
+    """Segmentation: column holding the masks (an image of class indices, mode L or P, or an array of them)."""
+    class_names: Optional[list] = None
+    """Segmentation: the class names, index 0 first (their count sets the classes); null: `model.num_classes` or the training masks' largest value + 1."""
     image_size: int = 224
     """Side of the square crop fed to the model."""
     augment: bool = True
@@ -53,12 +57,14 @@ class DataConfig:
         _positive("data.image_size", self.image_size)
         if self.num_workers < 0:
             raise UserError(f"data.num_workers={self.num_workers} is negative; use 0 or more")
+        if self.class_names is not None and len(self.class_names) < 2:
+            raise UserError(f"data.class_names={self.class_names!r} needs at least 2 names (background included), or null")
 
 
 @dataclass
 class ModelConfig:
     name: str = "resnet18"
-    """Any `torchvision.models` classifier name (`torchvision.models.list_models(torchvision.models)`)."""
+    """Any `torchvision.models` classifier name (`torchvision.models.list_models(torchvision.models)`), or with `task: segmentation` any segmenter (`torchvision.models.list_models(torchvision.models.segmentation)`)."""
     weights: Optional[str] = None
     """null (random init), a torchvision weights enum name (`DEFAULT`, `IMAGENET1K_V1`, ...; cached under `$TORCH_HOME/hub/checkpoints`), or a local `.pth` / `.safetensors` state dict."""
     num_classes: Optional[int] = None
@@ -192,7 +198,7 @@ class LossConfig:
     per_image: bool = False
     """Dice / IoU / Tversky per image then averaged, instead of over the whole global batch."""
     ignore_index: Optional[int] = None
-    """Target value excluded from the loss."""
+    """Target value excluded from the loss (and, for segmentation, from the metrics); masks in the VOC convention mark borders / unlabelled pixels with 255."""
     class_weights: Optional[list] = None
     """Per-class weights, where the loss supports them."""
     sync: bool = True
@@ -248,7 +254,7 @@ class Config:
     seed: int = 0
     """Seeds weights, the data order, the validation split and augmentation."""
     task: str = "classification"
-    """`classification` (one label per image), `binary` (one logit), `multilabel` (multi-hot labels)."""
+    """`classification` (one label per image), `binary` (one logit), `multilabel` (multi-hot labels), `segmentation` (a class per pixel, from a mask)."""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -259,7 +265,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
 
     def validate(self) -> None:
-        _choice("task", self.task, ("classification", "binary", "multilabel"))
+        _choice("task", self.task, ("classification", "binary", "multilabel", "segmentation"))
         for f in dataclasses.fields(self):
             sub = getattr(self, f.name)
             if dataclasses.is_dataclass(sub):
@@ -271,6 +277,14 @@ class Config:
                 raise UserError(
                     f"model.unfreeze_at_epoch={self.model.unfreeze_at_epoch} is not before train.epochs={self.train.epochs}; "
                     "use an epoch in [0, epochs) or null"
+                )
+        if self.data.class_names is not None:
+            if self.task != "segmentation":
+                raise UserError("data.class_names is only read with task=segmentation (other tasks take the names from the labels); remove it")
+            if self.model.num_classes is not None and self.model.num_classes != len(self.data.class_names):
+                raise UserError(
+                    f"model.num_classes={self.model.num_classes} but data.class_names has {len(self.data.class_names)} names; "
+                    "make them agree or set model.num_classes=null"
                 )
 
     def to_dict(self) -> dict:

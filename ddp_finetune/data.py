@@ -5,13 +5,18 @@ Two choices make a run independent of the world size:
   `split_batches=True` then gives each rank its slice of every global batch.
 - Augmentation is seeded per (seed, epoch, sample index), so a sample is cropped and flipped
   the same way whichever rank loads it.
+
+Segmentation (`task: segmentation`) pairs each image with a mask of class indices; the same v2
+transforms crop, flip and resize both together (`tv_tensors.Mask` is resized with NEAREST).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -20,6 +25,8 @@ from .errors import UserError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _VAL_NAMES = ("validation", "val", "valid", "test")
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+_SEG_LAYOUT = "path/[<split>/]images/<name>.<ext> with path/[<split>/]masks/<name>.png"
 
 
 @dataclass
@@ -28,7 +35,8 @@ class Splits:
     val: object
     class_names: list[str]
     val_source: str  # which split, or "val_fraction"
-    label_kind: str = "index"  # index (ClassLabel), values (map through class_names), multi_hot
+    label_kind: str = "index"  # index (ClassLabel), values (map through class_names), multi_hot, mask
+    scanned_classes: int | None = None  # segmentation: the training masks' largest value + 1, once scanned
 
 
 # --------------------------------------------------------------------------- loading
@@ -66,16 +74,58 @@ def _load_raw(data_cfg):
         raise
 
 
-def load_splits(data_cfg, seed: int) -> Splits:
+def _load_segmentation_folder(data_cfg):
+    """`path/[<split>/]images/<name>.<ext>` + `path/[<split>/]masks/<name>.png` as a DatasetDict
+    with two Image columns (named `data.image_column`, `data.mask_column`), masks matched by stem."""
     import datasets
 
-    raw = _load_raw(data_cfg)
+    datasets.disable_progress_bars()
+    root = Path(data_cfg.path)
+    if not root.is_dir():
+        what = "does not exist" if not root.exists() else "is not a folder"
+        raise UserError(f"data.path={data_cfg.path!r} {what}; task=segmentation with data.source=imagefolder reads {_SEG_LAYOUT}")
+    if (root / "images").is_dir():
+        split_dirs = {data_cfg.train_split: root}
+    else:
+        split_dirs = {d.name: d for d in sorted(root.iterdir()) if (d / "images").is_dir()}
+    if not split_dirs:
+        raise UserError(f"data.path={data_cfg.path!r} has no images/ folder; task=segmentation with data.source=imagefolder reads {_SEG_LAYOUT}")
+    features = datasets.Features({data_cfg.image_column: datasets.Image(), data_cfg.mask_column: datasets.Image()})
+    out = {}
+    for split, base in split_dirs.items():
+        images = sorted(
+            f for f in (base / "images").iterdir() if f.is_file() and f.suffix.lower() in _IMAGE_SUFFIXES and not f.name.startswith(".")
+        )
+        if not images:
+            raise UserError(f"{base / 'images'} holds no images ({', '.join(_IMAGE_SUFFIXES)}); the layout is {_SEG_LAYOUT}")
+        by_stem: dict[str, Path] = {}
+        for image in images:
+            if image.stem in by_stem:
+                raise UserError(f"images {by_stem[image.stem]} and {image} would share the mask masks/{image.stem}.png; rename one")
+            by_stem[image.stem] = image
+            mask = base / "masks" / f"{image.stem}.png"
+            if not mask.is_file():
+                raise UserError(f"mask file {mask} is missing for image {image}; every images/<name>.<ext> needs masks/<name>.png")
+        columns = {
+            data_cfg.image_column: [str(f) for f in images],
+            data_cfg.mask_column: [str(base / "masks" / f"{f.stem}.png") for f in images],
+        }
+        out[split] = datasets.Dataset.from_dict(columns, features=features)
+    return datasets.DatasetDict(out)
+
+
+def load_splits(data_cfg, seed: int, task: str = "classification") -> Splits:
+    import datasets
+
+    segmentation = task == "segmentation"
+    raw = _load_segmentation_folder(data_cfg) if segmentation and data_cfg.source == "imagefolder" else _load_raw(data_cfg)
     if isinstance(raw, datasets.Dataset):
         raw = datasets.DatasetDict({data_cfg.train_split: raw})
     if data_cfg.train_split not in raw:
         raise UserError(f"data.train_split={data_cfg.train_split!r} is not in the dataset (splits: {', '.join(raw)}); set data.train_split")
     train = raw[data_cfg.train_split]
-    for key, column in (("data.image_column", data_cfg.image_column), ("data.label_column", data_cfg.label_column)):
+    target = ("data.mask_column", data_cfg.mask_column) if segmentation else ("data.label_column", data_cfg.label_column)
+    for key, column in (("data.image_column", data_cfg.image_column), target):
         if column not in train.column_names:
             raise UserError(f"{key}={column!r} is not a column of the dataset (columns: {', '.join(train.column_names)}); set {key}")
 
@@ -89,12 +139,15 @@ def load_splits(data_cfg, seed: int) -> Splits:
             val, val_source = raw[found], found
         else:
             # a seeded split, identical on every rank and every restart
-            stratify = data_cfg.label_column if isinstance(train.features[data_cfg.label_column], datasets.ClassLabel) else None
+            label_feature = None if segmentation else train.features[data_cfg.label_column]
+            stratify = data_cfg.label_column if isinstance(label_feature, datasets.ClassLabel) else None
             try:
                 parts = train.train_test_split(test_size=data_cfg.val_fraction, seed=seed, stratify_by_column=stratify)
             except ValueError:
                 parts = train.train_test_split(test_size=data_cfg.val_fraction, seed=seed)
             train, val, val_source = parts["train"], parts["test"], "val_fraction"
+    if segmentation:  # classes come from data.class_names, model.num_classes or a scan (infer_num_classes)
+        return Splits(train=train, val=val, class_names=list(data_cfg.class_names or []), val_source=val_source, label_kind="mask")
     names, kind = class_names(train, data_cfg.label_column)
     return Splits(train=train, val=val, class_names=names, val_source=val_source, label_kind=kind)
 
@@ -130,6 +183,15 @@ def build_transforms(image_size: int, augment: bool, mean=IMAGENET_MEAN, std=IMA
         return eval_tf, eval_tf
     train_tf = v2.Compose([v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip(), *to_tensor])
     return train_tf, eval_tf
+
+
+@contextlib.contextmanager
+def _sample_rng(seed: int, epoch: int, index: int):
+    """Torch's global RNG seeded for one sample's transform, restored afterwards: the draw depends
+    on (seed, epoch, index) only, not on which rank, worker or restart loads the sample."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed((seed * 1_000_003 + epoch * 10_007 + int(index)) % (2**63))
+        yield
 
 
 def _to_rgb(image):
@@ -186,12 +248,85 @@ class ImageDataset(Dataset):
         row = self.ds[int(index)]
         image = _to_rgb(row[self.image_column])
         if self.random:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed((self.seed * 1_000_003 + self.epoch * 10_007 + int(index)) % (2**63))
+            with _sample_rng(self.seed, self.epoch, index):
                 x = self.transform(image)
         else:
             x = self.transform(image)
         return x, self.target(row[self.label_column])
+
+
+# --------------------------------------------------------------------------- segmentation
+
+def mask_array(value, where: str) -> np.ndarray:
+    """A mask (PIL image of mode L / P / I / 1, a path to one, or an integer array) as (H, W) int64."""
+    from PIL import Image
+
+    if isinstance(value, (str, Path)):
+        value = Image.open(value)
+    if isinstance(value, Image.Image):
+        if value.mode not in ("1", "L", "P") and not value.mode.startswith("I"):
+            raise UserError(
+                f"mask of {where} is a mode {value.mode} image; masks hold one class index per pixel "
+                "(mode L or P, e.g. Image.fromarray(classes.astype(np.uint8)))"
+            )
+        array = np.array(value)  # mode P: the palette indices, which are the classes
+    else:
+        array = np.asarray(value)
+    if array.ndim != 2 or not (np.issubdtype(array.dtype, np.integer) or array.dtype == bool):
+        raise UserError(f"mask of {where} is a {array.dtype} array of shape {array.shape}; give (H, W) integer class indices")
+    return array.astype(np.int64)
+
+
+def scan_mask_classes(ds, mask_column: str, ignore_index: int | None) -> int:
+    """The masks' largest class index + 1 (at least 2), `ignore_index` left out. Reads every mask."""
+    top = -1
+    for i, row in enumerate(ds.select_columns([mask_column])):
+        values = mask_array(row[mask_column], f"training row {i}")
+        if ignore_index is not None:
+            values = values[values != ignore_index]
+        if values.size:
+            top = max(top, int(values.max()))
+    if top < 0:
+        raise UserError(f"the training masks hold no pixel other than loss.ignore_index={ignore_index}; check data.mask_column and the masks")
+    if top == 255 and ignore_index is None:
+        raise UserError(
+            "the training masks hold the value 255, which VOC-style masks use for borders and unlabelled pixels; "
+            "set loss.ignore_index=255, or model.num_classes / data.class_names if 255 is a class"
+        )
+    return max(top + 1, 2)
+
+
+class SegmentationDataset(Dataset):
+    """A Hugging Face split as (image tensor (3, S, S), int64 class-index mask (S, S)) pairs.
+
+    The transforms see the image and its `tv_tensors.Mask` together, so one random crop and flip
+    (seeded per (seed, epoch, index), as `ImageDataset`) moves both; masks are resized with NEAREST.
+    """
+
+    def __init__(self, hf_ds, transform, image_column, mask_column, seed=0, random=False, split="train"):
+        self.ds, self.transform = hf_ds, transform
+        self.image_column, self.mask_column = image_column, mask_column
+        self.seed, self.random, self.epoch, self.split = seed, random, 0, split
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, index):
+        from torchvision import tv_tensors
+
+        row = self.ds[int(index)]
+        image = _to_rgb(row[self.image_column])
+        where = f"{self.split} row {int(index)}"
+        mask = mask_array(row[self.mask_column], where)
+        if mask.shape != (image.height, image.width):
+            raise UserError(f"mask of {where} is {mask.shape[1]}x{mask.shape[0]} but its image is {image.width}x{image.height}; they must match")
+        mask = tv_tensors.Mask(torch.from_numpy(mask))
+        if self.random:
+            with _sample_rng(self.seed, self.epoch, index):
+                x, y = self.transform(image, mask)
+        else:
+            x, y = self.transform(image, mask)
+        return x, y.as_subclass(torch.Tensor)
 
 
 class EpochSampler(Sampler):
@@ -228,8 +363,34 @@ def normalization(report: dict | None):
     return IMAGENET_MEAN, IMAGENET_STD
 
 
+def infer_num_classes(cfg, splits: Splits) -> tuple[int, str]:
+    """(classes of the model, where that number came from: "" unless the task is segmentation).
+
+    Segmentation: `model.num_classes`, else `data.class_names`, else the training masks' largest
+    value + 1 with `loss.ignore_index` left out (scanned once, kept on `splits`).
+    """
+    if cfg.task != "segmentation":
+        return cfg.model.num_classes or (1 if cfg.task == "binary" else len(splits.class_names)), ""
+    if cfg.model.num_classes:
+        return cfg.model.num_classes, "model.num_classes"
+    if cfg.data.class_names:
+        return len(cfg.data.class_names), "data.class_names"
+    if splits.scanned_classes is None:
+        splits.scanned_classes = scan_mask_classes(splits.train, cfg.data.mask_column, cfg.loss.ignore_index)
+    ignoring = f", ignoring loss.ignore_index={cfg.loss.ignore_index}" if cfg.loss.ignore_index is not None else ""
+    return splits.scanned_classes, f"the training masks' largest value + 1{ignoring}"
+
+
 def build_datasets(cfg, splits: Splits, norm=(IMAGENET_MEAN, IMAGENET_STD)):
     d = cfg.data
+    if cfg.task == "segmentation":
+        num_classes, _ = infer_num_classes(cfg, splits)
+        train_tf, eval_tf = build_transforms(d.image_size, d.augment, *norm)  # v2: the same calls move image and Mask
+        common = dict(image_column=d.image_column, mask_column=d.mask_column, seed=cfg.seed)
+        train = SegmentationDataset(splits.train, train_tf, random=d.augment, split=d.train_split, **common)
+        val_name = "validation (val_fraction)" if splits.val_source == "val_fraction" else splits.val_source
+        val = SegmentationDataset(splits.val, eval_tf, random=False, split=val_name, **common)
+        return train, val, num_classes
     num_classes = cfg.model.num_classes or (1 if cfg.task == "binary" else len(splits.class_names))
     if cfg.task == "binary" and len(splits.class_names) > 2:
         raise UserError(

@@ -56,7 +56,7 @@ from .errors import UserError
 
 LOSS_NAMES = ("cross_entropy", "dice", "dice_bce", "iou", "focal", "tversky")
 MODES = ("binary", "multilabel", "multiclass")
-TASK_MODES = {"classification": "multiclass", "binary": "binary", "multilabel": "multilabel"}
+TASK_MODES = {"classification": "multiclass", "binary": "binary", "multilabel": "multilabel", "segmentation": "multiclass"}
 
 _EXPECTED = {
     "binary": "logits (N,), (N, 1) or (N, 1, H, W) and float targets in [0, 1] of the same shape or without the channel dim",

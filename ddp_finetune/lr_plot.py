@@ -27,11 +27,13 @@ from .schedules import build_schedule
 def _meta_model(name: str, num_classes: int | None):
     import torchvision
 
-    from .models import check_model_name
+    from .models import builder_kwargs, check_model_name
 
     check_model_name(name)
-    # The same architecture as models.build_model (aux heads kept), without weights.
-    kwargs = {"aux_logits": True, "init_weights": False} if name in ("googlenet", "inception_v3") else {}
+    # The same architecture as models.build_model (aux heads kept, no backbone download), without weights.
+    kwargs = builder_kwargs(name, weights=None)
+    if "init_weights" in kwargs:
+        kwargs["init_weights"] = False  # nothing to initialize on the meta device
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -140,7 +142,7 @@ def lr_plot_command(config_path, overrides, out_path, steps_per_epoch: int | Non
     if steps_per_epoch is None:
         from .data import load_splits
 
-        steps_per_epoch = len(load_splits(cfg.data, cfg.seed).train) // cfg.train.batch_size
+        steps_per_epoch = len(load_splits(cfg.data, cfg.seed, cfg.task).train) // cfg.train.batch_size
     path, description = plot_schedule(cfg, steps_per_epoch, out_path)
     print(description)
     print(f"wrote {path}")

@@ -3,11 +3,17 @@
 `evaluate` gathers every rank's logits with `gather_for_metrics` (which drops the samples a
 distributed sampler repeats to even out the last batch), so these functions see exactly the
 samples a single process sees and return exactly its numbers.
+
+Segmentation logits are too big to gather (N x C x H x W). Each rank reduces every sample to
+small additive statistics instead — a C x C confusion matrix over its non-ignored pixels and its
+pixel cross-entropy (sum, count) — `gather_for_metrics` gathers those per-sample rows (dropping
+the padding duplicates) and their sums give the exact single-process metrics.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def topk_accuracy(logits: torch.Tensor, targets: torch.Tensor, k: int) -> float:
@@ -28,3 +34,59 @@ def classification_metrics(logits: torch.Tensor, targets: torch.Tensor, task: st
     pred = (logits > 0).float()
     right = pred == (targets >= 0.5).float()
     return {"accuracy": right.float().mean().item(), "exact_match": right.all(dim=1).float().mean().item()}
+
+
+# --------------------------------------------------------------------------- segmentation
+
+def confusion_matrices(preds: torch.Tensor, targets: torch.Tensor, num_classes: int, ignore_index: int | None = None):
+    """Per-sample confusion matrices and out-of-range counts.
+
+    preds, targets: (N, H, W) class indices. Returns (confusion (N, C, C) int64 with rows = target
+    class and columns = predicted class, over the pixels whose target is a class in [0, C);
+    bad (N,) int64: pixels whose target is neither a class nor `ignore_index`).
+    """
+    n, c = targets.shape[0], num_classes
+    t, p = targets.reshape(n, -1).long(), preds.reshape(n, -1).long()
+    in_range = (t >= 0) & (t < c)
+    ignored = t == ignore_index if ignore_index is not None else torch.zeros_like(in_range)
+    valid = in_range & ~ignored
+    bad = (~in_range & ~ignored).sum(1)
+    sample = torch.arange(n, device=t.device).unsqueeze(1)
+    flat = (sample * c * c + t.clamp(0, c - 1) * c + p)[valid]
+    confusion = torch.bincount(flat, minlength=n * c * c).reshape(n, c, c)
+    return confusion, bad
+
+
+def segmentation_sample_stats(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int | None = None):
+    """What `evaluate` gathers per sample: (confusion (N, C, C) int64, cross-entropy sum and pixel
+    count (N, 2) float64, bad target values (N,) int64), from logits (N, C, H, W) and targets (N, H, W)."""
+    num_classes = logits.shape[1]
+    preds = logits.argmax(dim=1)
+    confusion, bad = confusion_matrices(preds, targets, num_classes, ignore_index)
+    valid = (targets >= 0) & (targets < num_classes)
+    if ignore_index is not None:
+        valid &= targets != ignore_index
+    safe = torch.where(valid, targets.long(), torch.full_like(targets.long(), -100))
+    ce = F.cross_entropy(logits.float(), safe, ignore_index=-100, reduction="none")  # 0 on left-out pixels
+    n = targets.shape[0]
+    ce_stats = torch.stack([ce.reshape(n, -1).double().sum(1), valid.reshape(n, -1).sum(1).double()], dim=1)
+    return confusion, ce_stats, bad
+
+
+def segmentation_metrics(confusion: torch.Tensor) -> dict:
+    """Pixel accuracy, mean IoU and mean Dice from a summed (C, C) confusion matrix (rows = target).
+
+    Per class: IoU = TP / (TP + FP + FN), Dice = 2TP / (2TP + FP + FN); the means run over the
+    classes present in the targets or the predictions (TP + FP + FN > 0), so a class absent from
+    both neither counts as 0 nor as 1.
+    """
+    confusion = confusion.double()
+    total = confusion.sum()
+    if total == 0:
+        return {}
+    tp = confusion.diagonal()
+    fp, fn = confusion.sum(0) - tp, confusion.sum(1) - tp
+    present = (tp + fp + fn) > 0
+    iou = tp[present] / (tp + fp + fn)[present]
+    dice = 2 * tp[present] / (2 * tp + fp + fn)[present]
+    return {"pixel_accuracy": (tp.sum() / total).item(), "mean_iou": iou.mean().item(), "dice": dice.mean().item()}

@@ -1,6 +1,6 @@
-"""Build a torchvision classifier by name, load its weights, replace its head.
+"""Build a torchvision classifier or segmenter by name, load its weights, replace its head.
 
-    model, report = build_model(cfg.model, num_classes=5)
+    model, report = build_model(cfg.model, num_classes=5, task=cfg.task)
 
 Weights come from the torchvision enum (downloaded once into `$TORCH_HOME/hub/checkpoints`),
 from a local `.pth` / `.safetensors` state dict, or nowhere (random init).
@@ -26,15 +26,50 @@ def classifier_names() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
-def check_model_name(name: str) -> None:
-    names = classifier_names()
+def segmenter_names() -> list[str]:
+    return sorted(torchvision.models.list_models(module=torchvision.models.segmentation))
+
+
+def check_model_name(name: str, task: str | None = None) -> None:
+    """Segmenters only with task segmentation, classifiers only with the other tasks (None: either)."""
+    classifiers, segmenters = classifier_names(), segmenter_names()
+    if task == "segmentation":
+        if name in classifiers:
+            raise UserError(
+                f"model.name={name!r} is a classifier but task=segmentation needs a segmenter; use one of {', '.join(segmenters)}"
+            )
+        names, kind, listing = segmenters, "segmentation model", "torchvision.models.segmentation"
+    else:
+        if task is not None and name in segmenters:
+            raise UserError(f"model.name={name!r} is a segmentation model but task={task}; set task=segmentation or pick a classifier")
+        names = classifiers + (segmenters if task is None else [])
+        kind, listing = "classifier", "torchvision.models"
     if name not in names:
         close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise UserError(
-            f"model.name={name!r} is not a torchvision classifier{hint}; "
-            "list them with: python -c 'import torchvision; print(torchvision.models.list_models(torchvision.models))'"
+            f"model.name={name!r} is not a torchvision {kind}{hint}; "
+            f"list them with: python -c 'import torchvision; print(torchvision.models.list_models({listing}))'"
         )
+
+
+def builder_kwargs(name: str, weights: str | None) -> dict:
+    """Keyword arguments for `torchvision.models.get_model(name, weights=None, ...)`.
+
+    GoogLeNet / Inception v3 keep their auxiliary heads. Segmenters never download ImageNet
+    backbone weights on their own (`weights_backbone=None`: the weights are ours to load), and
+    DeepLabV3 / FCN keep their auxiliary FCN head (`aux_loss=True`, as torchvision's COCO weights).
+    """
+    kwargs: dict = {}
+    if name in ("googlenet", "inception_v3"):
+        kwargs["aux_logits"] = True
+        if weights is None:
+            kwargs["init_weights"] = True
+    if name in segmenter_names():
+        kwargs["weights_backbone"] = None
+        if not name.startswith("lraspp"):  # LR-ASPP has no auxiliary head and rejects aux_loss
+            kwargs["aux_loss"] = True
+    return kwargs
 
 
 # --------------------------------------------------------------------------- heads
@@ -59,14 +94,25 @@ def _last_classifier_layer(module: nn.Module, prefix: str = "") -> str:
     return f"{prefix}{last}" if prefix else last
 
 
-def head_prefixes(model: nn.Module) -> list[str]:
-    """Module names of the layers that `replace_head` swaps: the main head first, then aux heads.
+def is_segmenter(model: nn.Module) -> bool:
+    from torchvision.models.segmentation import FCN, LRASPP, DeepLabV3
 
-    The main head is the last Linear in registration order (ResNet/RegNet/ResNeXt `fc`,
-    VGG/AlexNet/MobileNet/EfficientNet/ConvNeXt `classifier.<last>`, DenseNet `classifier`,
-    ViT `heads.head`, Swin `head`, MaxViT `classifier.5`), SqueezeNet's `classifier.1` conv,
-    plus GoogLeNet's `aux1.fc2`/`aux2.fc2` and Inception's `AuxLogits.fc`.
+    return isinstance(model, (DeepLabV3, FCN, LRASPP))
+
+
+def head_prefixes(model: nn.Module) -> list[str]:
+    """Module names of the head group (the `head` parameter group): the main head first, then aux heads.
+
+    For classifiers these are the layers `replace_head` swaps: the last Linear in registration
+    order (ResNet/RegNet/ResNeXt `fc`, VGG/AlexNet/MobileNet/EfficientNet/ConvNeXt
+    `classifier.<last>`, DenseNet `classifier`, ViT `heads.head`, Swin `head`, MaxViT
+    `classifier.5`), SqueezeNet's `classifier.1` conv, plus GoogLeNet's `aux1.fc2`/`aux2.fc2`
+    and Inception's `AuxLogits.fc`.
+    For segmenters, the whole decoder heads: `classifier` (DeepLabV3's ASPP head, FCN's and
+    LR-ASPP's heads) and `aux_classifier` (DeepLabV3 / FCN); `head_layers` lists the layers swapped.
     """
+    if is_segmenter(model):
+        return ["classifier"] + (["aux_classifier"] if getattr(model, "aux_classifier", None) is not None else [])
     aux = _aux_roots(model)
     main_model = model
     if aux:
@@ -88,9 +134,20 @@ def _new_layer(old: nn.Module, num_classes: int) -> nn.Module:
     raise UserError(f"cannot replace a head of type {type(old).__name__}")
 
 
+def head_layers(model: nn.Module) -> list[str]:
+    """The layers `replace_head` swaps for fresh ones: the final 1x1 convs of a segmenter's heads
+    (DeepLabV3 / FCN `classifier.4`, `aux_classifier.4`; LR-ASPP `classifier.low_classifier`,
+    `classifier.high_classifier`), a classifier's `head_prefixes`."""
+    if not is_segmenter(model):
+        return head_prefixes(model)
+    if hasattr(model.classifier, "low_classifier"):  # LR-ASPP: its two branches' class convs
+        return ["classifier.low_classifier", "classifier.high_classifier"]
+    return [f"{root}.4" for root in head_prefixes(model)]  # DeepLabHead / FCNHead: Sequential, conv last
+
+
 def replace_head(model: nn.Module, num_classes: int) -> list[str]:
     """Swap every head layer for a fresh one with `num_classes` outputs; returns their names."""
-    names = head_prefixes(model)
+    names = head_layers(model)
     for name in names:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -164,15 +221,14 @@ def load_state_file(path: str | Path) -> dict:
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
 
 
-def build_model(model_cfg, num_classes: int) -> tuple[nn.Module, dict]:
-    """The model with its head replaced for `num_classes`, and a report of what was loaded."""
+def build_model(model_cfg, num_classes: int, task: str | None = None) -> tuple[nn.Module, dict]:
+    """The model with its head replaced for `num_classes`, and a report of what was loaded.
+
+    `task` checks the model's kind (segmenters only with `segmentation`); None accepts either.
+    """
     name, weights = model_cfg.name, model_cfg.weights
-    check_model_name(name)
-    kwargs = {}
-    if name in ("googlenet", "inception_v3"):
-        kwargs["aux_logits"] = True
-        if weights is None:
-            kwargs["init_weights"] = True
+    check_model_name(name, task)
+    kwargs = builder_kwargs(name, weights)
     report = {"weights": weights, "missing_keys": [], "unexpected_keys": [], "skipped_head_keys": []}
 
     if weights is None or _is_local(weights):
@@ -223,9 +279,12 @@ def _enum_normalization(weights_enum) -> dict | None:
 
 
 def split_outputs(outputs) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """(main logits, aux logits) for plain tensors and GoogLeNet/Inception training outputs."""
+    """(main logits, aux logits) for plain tensors, GoogLeNet/Inception training outputs and
+    segmenters' `{"out": (N, C, H, W), "aux": (N, C, H, W)}` dicts."""
     if isinstance(outputs, torch.Tensor):
         return outputs, []
+    if isinstance(outputs, dict):
+        return outputs["out"], [outputs["aux"]] if outputs.get("aux") is not None else []
     logits = outputs.logits
     aux = [getattr(outputs, n) for n in ("aux_logits", "aux_logits2", "aux_logits1") if getattr(outputs, n, None) is not None]
     return logits, aux

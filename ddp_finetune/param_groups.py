@@ -50,9 +50,9 @@ _NORM_TYPES = tuple(
 
 # Containers whose children are the blocks for layer decay (input-to-output order):
 # ViT's encoder layers, `features` (VGG, AlexNet, MobileNet, EfficientNet, ConvNeXt, Swin,
-# DenseNet, SqueezeNet), RegNet's `trunk_output`, MaxViT's `blocks`, MNASNet's `layers`.
-# Checked in this order, longest prefix first.
-_EXPANDED_CONTAINERS = ("encoder.layers", "features", "trunk_output", "blocks", "layers")
+# DenseNet, SqueezeNet), RegNet's `trunk_output`, MaxViT's `blocks`, MNASNet's `layers`, and a
+# segmenter's `backbone` (ResNet's layers, MobileNetV3's feature blocks). Checked in this order.
+_EXPANDED_CONTAINERS = ("encoder.layers", "features", "trunk_output", "blocks", "layers", "backbone")
 
 # ViT's patch embedding, class token and position embedding form its stem; its final norm is a
 # block of its own (it sits inside `encoder`, after the layers).
@@ -105,6 +105,8 @@ def backbone_blocks(model: nn.Module, head_prefixes: list[str]) -> list[tuple[st
       `encoder.ln`.
     - RegNet: `stem`, each `trunk_output.<block>`; MaxViT: `stem`, each `blocks.<i>`;
       MNASNet: each `layers.<i>`.
+    - segmenters (DeepLabV3, FCN, LR-ASPP): ResNet backbones `stem`, `backbone.layer1` ...
+      `backbone.layer4`; MobileNetV3 backbones each `backbone.<i>`.
     - anything else: its top-level children (GoogLeNet's aux branches `aux1`, `aux2` come after
       `inception5b` there, in registration order).
 
@@ -115,6 +117,9 @@ def backbone_blocks(model: nn.Module, head_prefixes: list[str]) -> list[tuple[st
     _check_head_prefixes(names, head_prefixes, model)
     tops = {n for n, _ in model.named_children()}
     resnet_stem = ("conv1", "bn1") if {"conv1", "bn1", "layer1"} <= tops else ()
+    inner = getattr(model, "backbone", None)  # a segmenter's ResNet backbone: its own stem
+    if isinstance(inner, nn.Module) and {"conv1", "bn1", "layer1"} <= {n for n, _ in inner.named_children()}:
+        resnet_stem = ("backbone.conv1", "backbone.bn1")
     blocks: dict[str, list[str]] = {}
     for name in names:
         if not is_head(name, head_prefixes):

@@ -22,11 +22,11 @@ import torch
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
 from .config import Config, dump_config
-from .data import build_datasets, build_loaders, load_splits, normalization
+from .data import build_datasets, build_loaders, infer_num_classes, load_splits, normalization
 from .errors import UserError
 from .losses import build_loss
-from .metrics import classification_metrics
-from .models import build_model, head_prefixes, split_outputs
+from .metrics import classification_metrics, segmentation_metrics, segmentation_sample_stats
+from .models import build_model, check_model_name, head_prefixes, split_outputs
 from .param_groups import (
     apply_static_freeze,
     backbone_frozen,
@@ -43,6 +43,7 @@ from .schedules import build_schedule
 from .tracking import MetricsLog, init_trackers, log_with
 
 AUX_LOSS_WEIGHT = 0.3  # GoogLeNet / Inception auxiliary heads, as in the GoogLeNet paper
+SEGMENTATION_AUX_LOSS_WEIGHT = 0.5  # DeepLabV3 / FCN aux_classifier, as torchvision's segmentation reference
 
 
 @dataclass
@@ -75,6 +76,7 @@ def setup(cfg: Config):
     eval_batch = cfg.train.eval_batch_size or cfg.train.batch_size
     if eval_batch % n:
         raise UserError(f"train.eval_batch_size={eval_batch} does not divide by {n} processes; use a multiple of {n}")
+    check_model_name(cfg.model.name, cfg.task)  # before loading any data
     out = Path(cfg.output_dir)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -83,11 +85,11 @@ def setup(cfg: Config):
 
     # the first rank of each node fills the node's caches (datasets, $TORCH_HOME), the others read
     with accelerator.local_main_process_first():
-        splits = load_splits(cfg.data, cfg.seed)
-    num_classes = cfg.model.num_classes or (1 if cfg.task == "binary" else len(splits.class_names))
+        splits = load_splits(cfg.data, cfg.seed, cfg.task)
+    num_classes, classes_from = infer_num_classes(cfg, splits)
     with accelerator.local_main_process_first():
         set_seed(cfg.seed)  # identical initial weights on every rank
-        model, report = build_model(cfg.model, num_classes)
+        model, report = build_model(cfg.model, num_classes, cfg.task)
     train_ds, val_ds, num_classes = build_datasets(cfg, splits, normalization(report))
     train_dl, val_dl, sampler = build_loaders(cfg, train_ds, val_ds)
 
@@ -111,6 +113,7 @@ def setup(cfg: Config):
         schedule=schedule, train_dl=train_dl, val_dl=val_dl, sampler=sampler, train_ds=train_ds,
         loss_fn=loss_fn, eval_loss_fn=eval_loss_fn, heads=heads, dynamic_freeze=dynamic_freeze,
         steps_per_epoch=steps_per_epoch, num_classes=num_classes, splits=splits, report=report, groups=groups,
+        classes_from=classes_from,
     )
 
 
@@ -118,13 +121,14 @@ def print_start(ctx) -> None:
     a, cfg = ctx["accelerator"], ctx["cfg"]
     layout = dist_utils.layout()
     n, k = a.num_processes, cfg.train.grad_accum
+    classes_from = f" (from {ctx['classes_from']})" if ctx.get("classes_from") else ""
     dist_utils.print0(
         f"ddp-finetune: world size {n} (node rank {layout['node_rank']} of {layout['num_nodes']}, "
         f"main address {layout['main_address']}), device {a.device}, mixed precision {cfg.train.mixed_precision}"
     )
     dist_utils.print0(
         f"data: {len(ctx['train_ds'])} train images, {len(ctx['splits'].val)} validation ({ctx['splits'].val_source}), "
-        f"{ctx['num_classes']} classes; global batch {cfg.train.batch_size} = {n} processes x {k} accumulation x "
+        f"{ctx['num_classes']} classes{classes_from}; global batch {cfg.train.batch_size} = {n} processes x {k} accumulation x "
         f"{cfg.train.batch_size // (n * k)} per micro-batch"
     )
     r = ctx["report"]
@@ -141,18 +145,50 @@ def print_start(ctx) -> None:
     dist_utils.print0(ctx["schedule"].describe())
 
 
-def _forward_loss(model, loss_fn, x, y):
+def _forward_loss(model, loss_fn, x, y, aux_weight=AUX_LOSS_WEIGHT):
     logits, aux = split_outputs(model(x))
     loss = loss_fn(logits, y)
     for a in aux:
-        loss = loss + AUX_LOSS_WEIGHT * loss_fn(a, y)
+        loss = loss + aux_weight * loss_fn(a, y)
     return loss
+
+
+def _evaluate_segmentation(ctx) -> dict:
+    """Pixel metrics of the whole validation split without gathering logits: each rank turns every
+    sample into a confusion matrix and a cross-entropy (sum, count), `gather_for_metrics` gathers
+    those rows (padding duplicates dropped) and the sums give the single-process numbers.
+    `loss` is the mean pixel cross-entropy over the split's non-ignored pixels, whatever the training loss."""
+    a, model, cfg = ctx["accelerator"], ctx["model"], ctx["cfg"]
+    ignore = cfg.loss.ignore_index
+    confusion = ce = bad = None
+    count = 0
+    with torch.no_grad():
+        for x, y in ctx["val_dl"]:
+            logits, _ = split_outputs(model(x))
+            conf_b, ce_b, bad_b = a.gather_for_metrics(segmentation_sample_stats(logits, y, ignore))
+            sums = (conf_b.sum(0), ce_b.sum(0), bad_b.sum())
+            confusion, ce, bad = sums if confusion is None else (confusion + sums[0], ce + sums[1], bad + sums[2])
+            count += conf_b.shape[0]
+    if confusion is None:
+        return {}
+    if bad.item():  # every rank holds the same gathered count, so every rank raises
+        raise UserError(
+            f"{bad.item()} validation mask pixels are outside the model's {ctx['num_classes']} classes and not "
+            f"loss.ignore_index={ignore}; set model.num_classes, data.class_names or loss.ignore_index (255 in VOC-style masks)"
+        )
+    ce = ce.cpu()
+    metrics = {"loss": (ce[0] / ce[1]).item()} if ce[1] > 0 else {}
+    metrics.update(segmentation_metrics(confusion.cpu()))
+    metrics["count"] = count
+    return metrics
 
 
 def evaluate(ctx) -> dict:
     """Loss and metrics of the whole validation split, identical at every world size."""
     a, model, cfg = ctx["accelerator"], ctx["model"], ctx["cfg"]
     model.eval()
+    if cfg.task == "segmentation":
+        return _evaluate_segmentation(ctx)
     all_logits, all_targets = [], []
     with torch.no_grad():
         for x, y in ctx["val_dl"]:
@@ -191,9 +227,10 @@ def train_one_epoch(ctx, prog: Progress, log: MetricsLog, watcher, bar) -> bool:
     # local (loss sum, sample count) since the last log, kept on the device: no host sync per step
     window = torch.zeros(2, dtype=torch.float64, device=a.device)
     window_images, window_start = 0, time.perf_counter()
+    aux_weight = SEGMENTATION_AUX_LOSS_WEIGHT if cfg.task == "segmentation" else AUX_LOSS_WEIGHT
     for x, y in loader:
         with a.accumulate(model):
-            loss = _forward_loss(model, ctx["loss_fn"], x, y)
+            loss = _forward_loss(model, ctx["loss_fn"], x, y, aux_weight)
             a.backward(loss)
             if a.sync_gradients:
                 if frozen_now:

@@ -467,7 +467,7 @@ def test_build_loss_default_is_cross_entropy_with_class_weights_and_ignore():
         (LossConfig(name="dise"), "classification", "cross_entropy, dice, dice_bce, iou, focal, tversky"),
         (LossConfig(name="dice", mode="binary"), "classification", "loss.mode=binary"),
         (LossConfig(name="dice", mode="multiclass"), "multilabel", "set loss.mode=multilabel"),
-        (LossConfig(name="dice"), "segmentation", "task='segmentation'"),
+        (LossConfig(name="dice"), "regression", "task='regression'"),
         (LossConfig(name="dice", label_smoothing=0.1), "classification", "label_smoothing"),
         (LossConfig(name="focal", per_image=True), "classification", "per_image"),
         (LossConfig(name="dice", class_weights=[1.0, 2.0]), "classification", "3 classes"),
