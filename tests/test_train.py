@@ -75,13 +75,25 @@ def test_wandb_offline_writes_history(tmp_path, image_folder, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login
-    fit_in_process(tiny_config(tmp_path, image_folder, log={"report_to": "wandb"}, train={"epochs": 1}))
+    config = tiny_config(tmp_path, image_folder, log={"report_to": "wandb"}, train={"epochs": 1}, checkpoint={"every_n_steps": 1})
+    fit_in_process(config, "train.max_steps=2")
     run = tmp_path / "run"
     offline = list((run / "wandb").glob("offline-run-*"))
     assert offline, list((run / "wandb").iterdir()) if (run / "wandb").exists() else "no wandb folder"
     run_id = (run / "wandb_run_id.txt").read_text().strip()
     assert offline[0].name.endswith(run_id)
     assert list(offline[0].glob("run-*.wandb")) and list(offline[0].glob("run-*.wandb"))[0].stat().st_size > 0
+    # a resumed (or requeued) job continues the same wandb run: same id, no second run
+    fit_in_process(config, "checkpoint.resume=auto")
+    offline = list((run / "wandb").glob("offline-run-*"))
+    assert offline and all(p.name.endswith(run_id) for p in offline), [p.name for p in offline]
+
+
+def test_data_workers_do_not_change_the_training(tmp_path, image_folder):
+    sections = dict(data={"augment": True}, train={"epochs": 2})
+    fit_in_process(tiny_config(tmp_path / "w0", image_folder, **sections))
+    fit_in_process(tiny_config(tmp_path / "w2", image_folder, **sections), "data.num_workers=2")
+    assert max_abs_diff(load_weights(tmp_path / "w0" / "run"), load_weights(tmp_path / "w2" / "run")) == 0.0
 
 
 def test_tensorboard_writes_events(tmp_path, image_folder):
