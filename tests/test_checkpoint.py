@@ -3,7 +3,6 @@
 import json
 
 import pytest
-from accelerate.state import AcceleratorState, GradientState
 
 from ddp_finetune import checkpoint as ckpt
 from ddp_finetune.distributed import check_world_size

@@ -107,7 +107,7 @@ def test_multi_node_launch_line_for_a_three_node_allocation(fake):
     assert result.returncode == 0, result.stderr
     nodes = node_lines(result.stdout)
     assert list(nodes) == ["gpu01", "gpu02", "gpu03"], result.stdout
-    for rank, (host, argv) in enumerate(nodes.items()):
+    for rank, (_host, argv) in enumerate(nodes.items()):
         # the node rank is expanded on each node (the fake srun gives every task its own
         # SLURM_NODEID; the batch shell's is 0, so an early expansion would give 0 everywhere)
         assert flag(argv, "--machine_rank") == str(rank)
