@@ -56,7 +56,16 @@ def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1, log_with=
 
 
 def check_world_size(num_processes: int) -> None:
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    env = os.environ
+    mpi = any(k in env for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"))
+    if "WORLD_SIZE" not in env and env.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_PORT" in env and not mpi:
+        # accelerate's simple launcher sets MASTER_PORT only when asked for several processes,
+        # yet starts one: N-process CPU runs there mean mpirun (PITFALLS item 2)
+        raise UserError(
+            "`accelerate launch --cpu --num_processes N` starts ONE process, not N; for N gloo ranks on CPU use "
+            "`accelerate launch --multi_gpu --num_processes N` (or --config_file launch/cpu_2proc.yaml)"
+        )
+    launched = int(env.get("WORLD_SIZE", "1"))
     if launched != num_processes:
         raise UserError(
             f"the launcher started WORLD_SIZE={launched} processes but the Accelerator sees "

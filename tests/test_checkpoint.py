@@ -91,3 +91,15 @@ def test_a_fresh_run_refuses_an_output_dir_with_checkpoints(tmp_path, image_fold
     with pytest.raises(UserError, match="already holds checkpoints of an earlier run.*checkpoint.resume=auto"):
         fit_in_process(config)
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
+
+
+def test_accelerate_cpu_flag_with_several_processes_is_refused(monkeypatch):
+    """`accelerate launch --cpu --num_processes 2` starts one process (PITFALLS item 2)."""
+    for key in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    check_world_size(1)  # `--cpu` alone: one process, as asked
+    monkeypatch.setenv("MASTER_PORT", "29500")  # what the launcher adds for --num_processes > 1
+    with pytest.raises(UserError, match="starts ONE process.*--multi_gpu"):
+        check_world_size(1)
