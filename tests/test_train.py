@@ -108,3 +108,12 @@ def test_cli_train_runs_from_the_command_line(tmp_path, image_folder):
     proc = run_cli("train", config, "train.epochs=1", f"output_dir={tmp_path / 'cli'}")
     assert "world size 1" in proc.stdout and "done: 3 steps" in proc.stdout
     assert read_summary(tmp_path / "cli")["steps"] == 3
+
+
+def test_gradient_clipping_is_applied(tmp_path, image_folder):
+    fit_in_process(tiny_config(tmp_path / "free", image_folder, train={"epochs": 1}))
+    fit_in_process(tiny_config(tmp_path / "clip", image_folder, train={"epochs": 1, "max_grad_norm": 1e-9}))
+    fit_in_process(tiny_config(tmp_path / "zero", image_folder, train={"epochs": 1}, optim={"lr": 0.0}))
+    start = load_weights(tmp_path / "zero" / "run")  # lr 0: the initial weights
+    assert max_abs_diff(load_weights(tmp_path / "clip" / "run"), start) < 1e-8
+    assert max_abs_diff(load_weights(tmp_path / "free" / "run"), start) > 1e-4
