@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -62,6 +63,12 @@ def run_demo(out="runs/demo", overrides=()) -> dict:
     from .config import load_config
     from .train import fit
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # the demo writes its data set before any training starts: one process does it all
+        raise UserError(
+            "ddp-finetune demo runs in one process; to try several, run its configs under accelerate launch, e.g. "
+            "accelerate launch --config_file launch/cpu_2proc.yaml -m ddp_finetune train configs/digits_source.yaml"
+        )
     out = Path(out)
     data = out / "data"
     if not (data / "digits_target" / "validation").is_dir():

@@ -33,3 +33,12 @@ def test_demo_runs_source_then_both_target_runs(tmp_path, capsys):
     assert saved["source"]["final_weights"].endswith("source/final/model.safetensors")
     assert results["fine-tuned from source weights"]["steps"] == 2
     assert 0.0 <= saved["from scratch"]["val"]["top1"] <= 1.0
+
+
+def test_demo_refuses_several_processes(tmp_path, monkeypatch):
+    from ddp_finetune.errors import UserError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="runs in one process"):
+        run_demo(tmp_path)
+    assert not (tmp_path / "data").exists()
