@@ -381,17 +381,18 @@ def infer_num_classes(cfg, splits: Splits) -> tuple[int, str]:
     return splits.scanned_classes, f"the training masks' largest value + 1{ignoring}"
 
 
-def build_datasets(cfg, splits: Splits, norm=(IMAGENET_MEAN, IMAGENET_STD)):
+def build_datasets(cfg, splits: Splits, norm=(IMAGENET_MEAN, IMAGENET_STD), num_classes: int | None = None):
+    """(train, val, num_classes); `num_classes` defaults to `infer_num_classes`."""
     d = cfg.data
-    if cfg.task == "segmentation":
+    if num_classes is None:
         num_classes, _ = infer_num_classes(cfg, splits)
+    if cfg.task == "segmentation":
         train_tf, eval_tf = build_transforms(d.image_size, d.augment, *norm)  # v2: the same calls move image and Mask
         common = dict(image_column=d.image_column, mask_column=d.mask_column, seed=cfg.seed)
         train = SegmentationDataset(splits.train, train_tf, random=d.augment, split=d.train_split, **common)
         val_name = "validation (val_fraction)" if splits.val_source == "val_fraction" else splits.val_source
         val = SegmentationDataset(splits.val, eval_tf, random=False, split=val_name, **common)
         return train, val, num_classes
-    num_classes = cfg.model.num_classes or (1 if cfg.task == "binary" else len(splits.class_names))
     if cfg.task == "binary" and len(splits.class_names) > 2:
         raise UserError(
             f"task=binary but {d.label_column!r} has {len(splits.class_names)} classes ({', '.join(splits.class_names[:5])}...); "

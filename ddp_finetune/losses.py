@@ -247,6 +247,16 @@ def _region_loss(batch: _Batch, score: Callable, per_image: bool, weights: Optio
     return loss, summed[len(local):]
 
 
+def _overlap_loss(loss: str, score: Callable, logits: Tensor, targets: Tensor, mode: str, per_image: bool,
+                  ignore_index: Optional[int], class_weights, sync: bool) -> Tensor:
+    """Dice / IoU / Tversky: 1 - score of the rank-summed overlap statistics."""
+    with _no_autocast(logits):
+        batch = _prepare(loss, logits, targets, mode, ignore_index)
+        weights = _weights(loss, class_weights, batch.num_classes, batch.x)
+        value, _ = _region_loss(batch, score, per_image, weights, sync)
+        return value
+
+
 def _dice_score(smooth: float):
     return lambda tp, sp, st: _divide(2 * tp + smooth, sp + st + smooth)
 
@@ -308,11 +318,7 @@ def dice_loss(
     over the images of the global batch, then over classes. s = `smooth`.
     """
     _check("dice_loss", "smooth", smooth, 0.0)
-    with _no_autocast(logits):
-        batch = _prepare("dice_loss", logits, targets, mode, ignore_index)
-        weights = _weights("dice_loss", class_weights, batch.num_classes, batch.x)
-        loss, _ = _region_loss(batch, _dice_score(smooth), per_image, weights, sync)
-        return loss
+    return _overlap_loss("dice_loss", _dice_score(smooth), logits, targets, mode, per_image, ignore_index, class_weights, sync)
 
 
 def iou_loss(
@@ -331,11 +337,7 @@ def iou_loss(
     Sums, modes, classes, `per_image` and weights exactly as in `dice_loss`.
     """
     _check("iou_loss", "smooth", smooth, 0.0)
-    with _no_autocast(logits):
-        batch = _prepare("iou_loss", logits, targets, mode, ignore_index)
-        weights = _weights("iou_loss", class_weights, batch.num_classes, batch.x)
-        loss, _ = _region_loss(batch, _iou_score(smooth), per_image, weights, sync)
-        return loss
+    return _overlap_loss("iou_loss", _iou_score(smooth), logits, targets, mode, per_image, ignore_index, class_weights, sync)
 
 
 def tversky_loss(
@@ -359,11 +361,7 @@ def tversky_loss(
     """
     for name, value in (("alpha", alpha), ("beta", beta), ("smooth", smooth)):
         _check("tversky_loss", name, value, 0.0)
-    with _no_autocast(logits):
-        batch = _prepare("tversky_loss", logits, targets, mode, ignore_index)
-        weights = _weights("tversky_loss", class_weights, batch.num_classes, batch.x)
-        loss, _ = _region_loss(batch, _tversky_score(alpha, beta, smooth), per_image, weights, sync)
-        return loss
+    return _overlap_loss("tversky_loss", _tversky_score(alpha, beta, smooth), logits, targets, mode, per_image, ignore_index, class_weights, sync)
 
 
 def dice_bce_loss(

@@ -14,7 +14,7 @@ group; freezing happens on the gradients instead:
 - `freeze_backbone` without `unfreeze_at_epoch`: `apply_static_freeze` sets `requires_grad=False`
   on the backbone before the model is wrapped (DDP never sees it, backward skips it: cheapest).
 - with `unfreeze_at_epoch`: every parameter keeps `requires_grad=True` (DDP registers them all at
-  wrap time), and while `backbone_frozen(epoch, cfg.model)` the loop calls `drop_frozen_grads`
+  wrap time), and while `backbone_frozen(epoch, cfg.model)` the loop drops the backbone's grads (`clear_grads`)
   after backward. Optimizers skip parameters whose `.grad` is None, so the backbone weights stay
   bit-identical and no momentum / AdamW state accumulates until the unfreeze epoch.
 
@@ -263,32 +263,39 @@ def backbone_frozen(epoch: int, model_cfg) -> bool:
     return model_cfg.unfreeze_at_epoch is None or epoch < model_cfg.unfreeze_at_epoch
 
 
+def backbone_params(model: nn.Module, head_prefixes: list[str]) -> list[nn.Parameter]:
+    """Every parameter outside the head, in registration order (the loop lists them once)."""
+    return [p for name, p in unwrap(model).named_parameters() if not is_head(name, head_prefixes)]
+
+
 def apply_static_freeze(model: nn.Module, head_prefixes: list[str]) -> int:
     """requires_grad=False on every backbone parameter; call before wrapping. Returns how many."""
-    model = unwrap(model)
-    count = 0
-    for name, p in model.named_parameters():
-        if not is_head(name, head_prefixes):
-            p.requires_grad_(False)
-            count += 1
-    return count
+    params = backbone_params(model, head_prefixes)
+    for p in params:
+        p.requires_grad_(False)
+    return len(params)
+
+
+def clear_grads(params: list[nn.Parameter]) -> int:
+    """Set `.grad = None` on these parameters. Returns how many had a gradient."""
+    dropped = 0
+    for p in params:
+        if p.grad is not None:
+            p.grad = None
+            dropped += 1
+    return dropped
 
 
 def drop_frozen_grads(model: nn.Module, head_prefixes: list[str]) -> int:
     """Set `.grad = None` on every backbone parameter. Returns how many had a gradient.
 
     Call after backward and before gradient clipping / `optimizer.step()` while
-    `backbone_frozen(epoch, ...)`. Optimizers skip parameters without a gradient, so the backbone
-    weights and optimizer state do not change, and clipping measures the head's gradient only.
+    `backbone_frozen(epoch, ...)` (the loop does `clear_grads` on `backbone_params` listed once).
+    Optimizers skip parameters without a gradient, so the backbone weights and optimizer state do
+    not change, and clipping measures the head's gradient only.
     (BatchNorm running statistics still update in train mode; `set_bn_eval` stops that.)
     """
-    model = unwrap(model)
-    dropped = 0
-    for name, p in model.named_parameters():
-        if p.grad is not None and not is_head(name, head_prefixes):
-            p.grad = None
-            dropped += 1
-    return dropped
+    return clear_grads(backbone_params(model, head_prefixes))
 
 
 def set_bn_eval(model: nn.Module) -> int:

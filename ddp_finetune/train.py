@@ -28,9 +28,10 @@ from .models import build_model, check_model_name, head_prefixes, split_outputs
 from .param_groups import (
     apply_static_freeze,
     backbone_frozen,
+    backbone_params,
     build_param_groups,
+    clear_grads,
     describe_groups,
-    drop_frozen_grads,
     lr_log,
     make_optimizer,
     set_bn_eval,
@@ -88,7 +89,7 @@ def setup(cfg: Config):
     with accelerator.local_main_process_first():
         set_seed(cfg.seed)  # identical initial weights on every rank
         model, report = build_model(cfg.model, num_classes, cfg.task)
-    train_ds, val_ds, num_classes = build_datasets(cfg, splits, normalization(report))
+    train_ds, val_ds, num_classes = build_datasets(cfg, splits, normalization(report), num_classes)
     train_dl, val_dl, sampler = build_loaders(cfg, train_ds, val_ds)
 
     heads = head_prefixes(model)
@@ -106,10 +107,12 @@ def setup(cfg: Config):
 
     model, prepared_opt, train_dl, val_dl = accelerator.prepare(model, optimizer, train_dl, val_dl)
     accelerator.register_for_checkpointing(schedule)
+    # listed once, from the prepared model: the loop drops their grads every step while frozen
+    frozen_params = backbone_params(model, heads) if dynamic_freeze else []
     return dict(
         accelerator=accelerator, cfg=cfg, model=model, optimizer=prepared_opt, raw_optimizer=optimizer,
         schedule=schedule, train_dl=train_dl, val_dl=val_dl, sampler=sampler, train_ds=train_ds,
-        loss_fn=loss_fn, eval_loss_fn=eval_loss_fn, heads=heads, dynamic_freeze=dynamic_freeze,
+        loss_fn=loss_fn, eval_loss_fn=eval_loss_fn, frozen_params=frozen_params, dynamic_freeze=dynamic_freeze,
         steps_per_epoch=steps_per_epoch, num_classes=num_classes, splits=splits, report=report, groups=groups,
         classes_from=classes_from,
     )
@@ -232,7 +235,7 @@ def train_one_epoch(ctx, prog: Progress, log: MetricsLog, watcher, bar) -> bool:
             a.backward(loss)
             if a.sync_gradients:
                 if frozen_now:
-                    drop_frozen_grads(model, ctx["heads"])
+                    clear_grads(ctx["frozen_params"])
                 if cfg.train.max_grad_norm:
                     a.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
             optimizer.step()
@@ -246,11 +249,12 @@ def train_one_epoch(ctx, prog: Progress, log: MetricsLog, watcher, bar) -> bool:
         prog.step += 1
         prog.step_in_epoch += 1
         window_images += cfg.train.batch_size
+        log_now = prog.step % cfg.log.every_n_steps == 0
         # log the lr this step used (index s of lr_plot.simulate_lrs), not the next step's
-        step_lrs = lr_log(ctx["raw_optimizer"])
+        step_lrs = lr_log(ctx["raw_optimizer"]) if log_now else None
         if not a.optimizer_step_was_skipped:
             schedule.step()
-        if prog.step % cfg.log.every_n_steps == 0:
+        if log_now:
             total = dist_utils.sum_across_ranks(window)  # sums and counts, then divide
             elapsed = time.perf_counter() - window_start
             record = {"step": prog.step, "epoch": epoch, "split": "train", "loss": (total[0] / total[1]).item()}
