@@ -31,9 +31,27 @@ def run(procs: int, config: Path, out: Path, port: int, threads: int) -> dict:
     if procs == 1:
         cmd = [sys.executable, "-m", "ddp_finetune", "train", str(config), f"output_dir={out}"]
     else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(procs),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(port), "-m", "ddp_finetune", "train", str(config), f"output_dir={out}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(procs),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(port),
+            "-m",
+            "ddp_finetune",
+            "train",
+            str(config),
+            f"output_dir={out}",
+        ]
     subprocess.run(cmd, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
     return json.loads((out / "summary.json").read_text())
 
@@ -55,7 +73,12 @@ def main() -> None:
         cfg = {
             "data": {"path": str(images), "image_size": args.size, "augment": True, "val_fraction": 0.05},
             "model": {"name": args.model},
-            "train": {"epochs": 100, "batch_size": args.batch, "max_steps": args.steps, "mixed_precision": args.precision},
+            "train": {
+                "epochs": 100,
+                "batch_size": args.batch,
+                "max_steps": args.steps,
+                "mixed_precision": args.precision,
+            },
             "checkpoint": {"every_epoch": False},
             "log": {"progress_bar": False, "every_n_steps": 5},
         }
@@ -66,8 +89,10 @@ def main() -> None:
             threads = max(1, cores // n)
             s = run(n, config, tmp / f"run{n}", 29700 + i, threads)
             rows.append((n, threads, s["images_per_second"], s["wall_time_s"]))
-    print(f"model {args.model}, {args.size}px, global batch {args.batch}, {args.steps} steps, precision {args.precision}; "
-          f"{platform.processor() or platform.machine()}, {cores} cores, torch threads per process = cores / processes")
+    print(
+        f"model {args.model}, {args.size}px, global batch {args.batch}, {args.steps} steps, precision {args.precision}; "
+        f"{platform.processor() or platform.machine()}, {cores} cores, torch threads per process = cores / processes"
+    )
     print("| processes | threads each | train images/s | wall s (incl. start-up, eval) |")
     print("|---|---|---|---|")
     for n, t, ips, wall in rows:

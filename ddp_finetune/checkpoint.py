@@ -51,7 +51,9 @@ def resolve_resume(resume: str | None, output_dir) -> Path | None:
         return latest_checkpoint(output_dir)
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
-        raise UserError(f"checkpoint.resume={resume!r} is not a complete checkpoint folder (no {STATE_FILE}); use auto or a checkpoints/step_<N> folder")
+        raise UserError(
+            f"checkpoint.resume={resume!r} is not a complete checkpoint folder (no {STATE_FILE}); use auto or a checkpoints/step_<N> folder"
+        )
     return path
 
 

@@ -17,7 +17,9 @@ from .errors import EXIT_USER_ERROR, UserError
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ddp-finetune", description="Fine-tune torchvision models on 1 CPU, N GPUs or SLURM.")
+    p = argparse.ArgumentParser(
+        prog="ddp-finetune", description="Fine-tune torchvision models on 1 CPU, N GPUs or SLURM."
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train (or resume) from a YAML config")
@@ -32,7 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     lp.add_argument("config")
     lp.add_argument("overrides", nargs="*")
     lp.add_argument("--out", default="lr.png", help="PNG file to write")
-    lp.add_argument("--steps-per-epoch", type=int, default=None, help="optimizer steps per epoch (default: from the dataset)")
+    lp.add_argument(
+        "--steps-per-epoch", type=int, default=None, help="optimizer steps per epoch (default: from the dataset)"
+    )
     return p
 
 

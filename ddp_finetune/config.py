@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -26,11 +26,11 @@ class DataConfig:
     source: str = "imagefolder"
     """Where the images come from: `imagefolder` (a local folder of class sub-folders, or split folders
     `train/`, `validation/`; segmentation: `images/` and `masks/` folders, optionally under split folders), `disk` (a dataset saved with `save_to_disk`) or `hub` (a Hugging Face Hub name)."""
-    path: Optional[str] = None
+    path: str | None = None
     """Folder (imagefolder, disk) or dataset name (hub)."""
     train_split: str = "train"
     """Split used for training."""
-    val_split: Optional[str] = None
+    val_split: str | None = None
     """Split used for validation; null: `validation`, `val` or `test` when present, else a seeded `val_fraction` split of the training split."""
     val_fraction: float = 0.1
     """Fraction of the training split held out for validation when there is no validation split (seeded by `seed`)."""
@@ -40,7 +40,7 @@ class DataConfig:
     """Column holding the labels: a class index (classification, binary) or a list of class indices / a multi-hot vector (multilabel)."""
     mask_column: str = "mask"
     """Segmentation: column holding the masks (an image of class indices, mode L or P, or an array of them)."""
-    class_names: Optional[list] = None
+    class_names: list | None = None
     """Segmentation: the class names, index 0 first (their count sets the classes); null: `model.num_classes` or the training masks' largest value + 1."""
     image_size: int = 224
     """Side of the square crop fed to the model."""
@@ -52,22 +52,26 @@ class DataConfig:
     def validate(self) -> None:
         _choice("data.source", self.source, ("imagefolder", "disk", "hub"))
         if self.path is None:
-            raise UserError("data.path is not set; give the image folder, saved dataset or Hub name, e.g. data.path=./my_images")
+            raise UserError(
+                "data.path is not set; give the image folder, saved dataset or Hub name, e.g. data.path=./my_images"
+            )
         _range("data.val_fraction", self.val_fraction, 0.0, 1.0, low_open=True, high_open=True)
         _positive("data.image_size", self.image_size)
         if self.num_workers < 0:
             raise UserError(f"data.num_workers={self.num_workers} is negative; use 0 or more")
         if self.class_names is not None and len(self.class_names) < 2:
-            raise UserError(f"data.class_names={self.class_names!r} needs at least 2 names (background included), or null")
+            raise UserError(
+                f"data.class_names={self.class_names!r} needs at least 2 names (background included), or null"
+            )
 
 
 @dataclass
 class ModelConfig:
     name: str = "resnet18"
     """Any `torchvision.models` classifier name (`torchvision.models.list_models(torchvision.models)`), or with `task: segmentation` any segmenter (`torchvision.models.list_models(torchvision.models.segmentation)`)."""
-    weights: Optional[str] = None
+    weights: str | None = None
     """null (random init), a torchvision weights enum name (`DEFAULT`, `IMAGENET1K_V1`, ...; cached under `$TORCH_HOME/hub/checkpoints`), or a local `.pth` / `.safetensors` state dict."""
-    num_classes: Optional[int] = None
+    num_classes: int | None = None
     """Classes of the new head; null: inferred from the dataset."""
     load_head: bool = False
     """Also load the head from a local weights file when its shape fits (false: the head starts fresh for your classes, as in transfer learning)."""
@@ -75,14 +79,16 @@ class ModelConfig:
     """Keep BatchNorm layers in eval mode (running statistics fixed). Needed for identical training across world sizes on CPU, where BatchNorm cannot be synchronized."""
     freeze_backbone: bool = False
     """Train only the head (feature extraction); the backbone's weights and BatchNorm statistics stay fixed."""
-    unfreeze_at_epoch: Optional[int] = None
+    unfreeze_at_epoch: int | None = None
     """With `freeze_backbone`: the epoch (0-based) from which the backbone trains too (gradual unfreezing)."""
 
     def validate(self) -> None:
         if self.num_classes is not None:
             _positive("model.num_classes", self.num_classes)
         if self.unfreeze_at_epoch is not None and self.unfreeze_at_epoch < 0:
-            raise UserError(f"model.unfreeze_at_epoch={self.unfreeze_at_epoch} is negative; use an epoch index >= 0 or null")
+            raise UserError(
+                f"model.unfreeze_at_epoch={self.unfreeze_at_epoch} is negative; use an epoch index >= 0 or null"
+            )
 
 
 @dataclass
@@ -91,15 +97,15 @@ class TrainConfig:
     """Passes over the training split."""
     batch_size: int = 32
     """Global batch per optimizer step, split evenly over processes and accumulation steps; must divide by processes x grad_accum."""
-    eval_batch_size: Optional[int] = None
+    eval_batch_size: int | None = None
     """Global batch for evaluation; null: `batch_size`."""
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step."""
     mixed_precision: str = "no"
     """`no`, `fp16` (CUDA only, with loss scaling) or `bf16`."""
-    max_grad_norm: Optional[float] = None
+    max_grad_norm: float | None = None
     """Clip the global gradient norm to this value; null: no clipping."""
-    max_steps: Optional[int] = None
+    max_steps: int | None = None
     """Stop after this many optimizer steps (null: run all epochs). Schedules still span `epochs`."""
 
     def validate(self) -> None:
@@ -126,7 +132,7 @@ class OptimConfig:
     """`sgd` or `adamw`."""
     lr: float = 0.01
     """Learning rate of the backbone (and of everything when `head_lr` is null)."""
-    head_lr: Optional[float] = None
+    head_lr: float | None = None
     """Learning rate of the new head; null: `lr`."""
     momentum: float = 0.9
     """SGD momentum."""
@@ -136,7 +142,7 @@ class OptimConfig:
     """Weight decay (decoupled for AdamW)."""
     no_decay_norm_bias: bool = True
     """No weight decay on normalization weights and biases (only matters when `weight_decay` > 0)."""
-    layer_decay: Optional[float] = None
+    layer_decay: float | None = None
     """Layer-wise lr decay in (0, 1]: a backbone block at depth d from the head gets lr x layer_decay^d."""
 
     def validate(self) -> None:
@@ -183,13 +189,13 @@ class ScheduleConfig:
 class LossConfig:
     name: str = "cross_entropy"
     """`cross_entropy`, `dice`, `dice_bce`, `iou`, `focal`, `tversky`, or your own as `package.module:Name` (a function or an nn.Module class)."""
-    mode: Optional[str] = None
+    mode: str | None = None
     """`binary`, `multilabel` or `multiclass`; null: from the labels (`multiclass` for class indices)."""
     label_smoothing: float = 0.0
     """Cross-entropy label smoothing."""
     smooth: float = 1.0
     """Dice / IoU / Tversky smoothing constant s."""
-    alpha: Optional[float] = 0.25
+    alpha: float | None = 0.25
     """Focal: weight of the positive class (null: no balancing). Tversky: weight of false positives (alpha=beta=0.5 is Dice; set it for Tversky)."""
     beta: float = 0.5
     """Tversky weight of false negatives."""
@@ -197,9 +203,9 @@ class LossConfig:
     """Focal gamma."""
     per_image: bool = False
     """Dice / IoU / Tversky per image then averaged, instead of over the whole global batch."""
-    ignore_index: Optional[int] = None
+    ignore_index: int | None = None
     """Target value excluded from the loss (and, for segmentation, from the metrics); masks in the VOC convention mark borders / unlabelled pixels with 255."""
-    class_weights: Optional[list] = None
+    class_weights: list | None = None
     """Per-class weights, where the loss supports them."""
     sync: bool = True
     """Reduce loss statistics across ranks, so the loss on N ranks equals the loss on 1."""
@@ -214,13 +220,13 @@ class LossConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_n_steps: Optional[int] = None
+    every_n_steps: int | None = None
     """Save a resumable checkpoint every this many optimizer steps (null: only at the end of each epoch)."""
     every_epoch: bool = True
     """Save a resumable checkpoint at the end of every epoch."""
     keep_last: int = 2
     """Number of newest checkpoints kept under `output_dir/checkpoints`."""
-    resume: Optional[str] = None
+    resume: str | None = None
     """null (start fresh), `auto` (the newest complete checkpoint, if any) or a checkpoint folder."""
 
     def validate(self) -> None:
@@ -237,7 +243,7 @@ class LogConfig:
     """Log the training loss every this many optimizer steps."""
     project: str = "ddp-finetune"
     """wandb / tensorboard project name."""
-    run_name: Optional[str] = None
+    run_name: str | None = None
     """Run name; null: the output folder's name."""
     progress_bar: bool = True
     """tqdm bar on the main process."""
@@ -272,7 +278,9 @@ class Config:
                 sub.validate()
         if self.model.unfreeze_at_epoch is not None:
             if not self.model.freeze_backbone:
-                raise UserError("model.unfreeze_at_epoch is set but model.freeze_backbone is false; set model.freeze_backbone=true")
+                raise UserError(
+                    "model.unfreeze_at_epoch is set but model.freeze_backbone is false; set model.freeze_backbone=true"
+                )
             if self.model.unfreeze_at_epoch >= self.train.epochs:
                 raise UserError(
                     f"model.unfreeze_at_epoch={self.model.unfreeze_at_epoch} is not before train.epochs={self.train.epochs}; "
@@ -280,7 +288,9 @@ class Config:
                 )
         if self.data.class_names is not None:
             if self.task != "segmentation":
-                raise UserError("data.class_names is only read with task=segmentation (other tasks take the names from the labels); remove it")
+                raise UserError(
+                    "data.class_names is only read with task=segmentation (other tasks take the names from the labels); remove it"
+                )
             if self.model.num_classes is not None and self.model.num_classes != len(self.data.class_names):
                 raise UserError(
                     f"model.num_classes={self.model.num_classes} but data.class_names has {len(self.data.class_names)} names; "
@@ -292,6 +302,7 @@ class Config:
 
 
 # --------------------------------------------------------------------------- checks
+
 
 def _choice(key: str, value: Any, choices: tuple) -> None:
     if value not in choices:
@@ -311,6 +322,7 @@ def _range(key, value, low, high, low_open=False, high_open=False) -> None:
 
 
 # --------------------------------------------------------------------------- parsing
+
 
 def _field_types(cls) -> dict:
     return typing.get_type_hints(cls)
@@ -425,7 +437,9 @@ def _validate_key_path(dotted: str) -> None:
         if dataclasses.is_dataclass(tp):
             cls = tp
         elif i != len(parts) - 1 and typing.get_origin(tp) is not dict and _unwrap_optional(tp)[0] is not dict:
-            raise UserError(f"config key {'.'.join(parts[: i + 1])} is a value, not a section; use {'.'.join(parts[: i + 1])}=VALUE")
+            raise UserError(
+                f"config key {'.'.join(parts[: i + 1])} is a value, not a section; use {'.'.join(parts[: i + 1])}=VALUE"
+            )
         else:
             return
 
@@ -433,7 +447,9 @@ def _validate_key_path(dotted: str) -> None:
 def load_yaml(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"config file {str(p)!r} does not exist; give the path to a YAML config, e.g. configs/digits_finetune.yaml")
+        raise UserError(
+            f"config file {str(p)!r} does not exist; give the path to a YAML config, e.g. configs/digits_finetune.yaml"
+        )
     try:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as exc:
@@ -504,7 +520,13 @@ def reference_rows() -> list[tuple[str, str, str]]:
             if dataclasses.is_dataclass(value):
                 walk(type(value), prefix + f.name + ".")
             else:
-                rows.append((prefix + f.name, yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip(), docs.get(f.name, "")))
+                rows.append(
+                    (
+                        prefix + f.name,
+                        yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip(),
+                        docs.get(f.name, ""),
+                    )
+                )
 
     walk(Config, "")
     return rows

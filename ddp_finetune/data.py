@@ -41,6 +41,7 @@ class Splits:
 
 # --------------------------------------------------------------------------- loading
 
+
 def _load_raw(data_cfg):
     import datasets
 
@@ -52,7 +53,9 @@ def _load_raw(data_cfg):
     try:
         if source == "imagefolder":
             if not Path(path).is_dir():
-                raise UserError(f"data.path={path!r} is not a folder; imagefolder wants class sub-folders (path/<class>/<image>)")
+                raise UserError(
+                    f"data.path={path!r} is not a folder; imagefolder wants class sub-folders (path/<class>/<image>)"
+                )
             return datasets.load_dataset("imagefolder", data_dir=str(path))
         if source == "disk":
             try:
@@ -83,29 +86,41 @@ def _load_segmentation_folder(data_cfg):
     root = Path(data_cfg.path)
     if not root.is_dir():
         what = "does not exist" if not root.exists() else "is not a folder"
-        raise UserError(f"data.path={data_cfg.path!r} {what}; task=segmentation with data.source=imagefolder reads {_SEG_LAYOUT}")
+        raise UserError(
+            f"data.path={data_cfg.path!r} {what}; task=segmentation with data.source=imagefolder reads {_SEG_LAYOUT}"
+        )
     if (root / "images").is_dir():
         split_dirs = {data_cfg.train_split: root}
     else:
         split_dirs = {d.name: d for d in sorted(root.iterdir()) if (d / "images").is_dir()}
     if not split_dirs:
-        raise UserError(f"data.path={data_cfg.path!r} has no images/ folder; task=segmentation with data.source=imagefolder reads {_SEG_LAYOUT}")
+        raise UserError(
+            f"data.path={data_cfg.path!r} has no images/ folder; task=segmentation with data.source=imagefolder reads {_SEG_LAYOUT}"
+        )
     features = datasets.Features({data_cfg.image_column: datasets.Image(), data_cfg.mask_column: datasets.Image()})
     out = {}
     for split, base in split_dirs.items():
         images = sorted(
-            f for f in (base / "images").iterdir() if f.is_file() and f.suffix.lower() in _IMAGE_SUFFIXES and not f.name.startswith(".")
+            f
+            for f in (base / "images").iterdir()
+            if f.is_file() and f.suffix.lower() in _IMAGE_SUFFIXES and not f.name.startswith(".")
         )
         if not images:
-            raise UserError(f"{base / 'images'} holds no images ({', '.join(_IMAGE_SUFFIXES)}); the layout is {_SEG_LAYOUT}")
+            raise UserError(
+                f"{base / 'images'} holds no images ({', '.join(_IMAGE_SUFFIXES)}); the layout is {_SEG_LAYOUT}"
+            )
         by_stem: dict[str, Path] = {}
         for image in images:
             if image.stem in by_stem:
-                raise UserError(f"images {by_stem[image.stem]} and {image} would share the mask masks/{image.stem}.png; rename one")
+                raise UserError(
+                    f"images {by_stem[image.stem]} and {image} would share the mask masks/{image.stem}.png; rename one"
+                )
             by_stem[image.stem] = image
             mask = base / "masks" / f"{image.stem}.png"
             if not mask.is_file():
-                raise UserError(f"mask file {mask} is missing for image {image}; every images/<name>.<ext> needs masks/<name>.png")
+                raise UserError(
+                    f"mask file {mask} is missing for image {image}; every images/<name>.<ext> needs masks/<name>.png"
+                )
         columns = {
             data_cfg.image_column: [str(f) for f in images],
             data_cfg.mask_column: [str(base / "masks" / f"{f.stem}.png") for f in images],
@@ -118,20 +133,32 @@ def load_splits(data_cfg, seed: int, task: str = "classification") -> Splits:
     import datasets
 
     segmentation = task == "segmentation"
-    raw = _load_segmentation_folder(data_cfg) if segmentation and data_cfg.source == "imagefolder" else _load_raw(data_cfg)
+    raw = (
+        _load_segmentation_folder(data_cfg)
+        if segmentation and data_cfg.source == "imagefolder"
+        else _load_raw(data_cfg)
+    )
     if isinstance(raw, datasets.Dataset):
         raw = datasets.DatasetDict({data_cfg.train_split: raw})
     if data_cfg.train_split not in raw:
-        raise UserError(f"data.train_split={data_cfg.train_split!r} is not in the dataset (splits: {', '.join(raw)}); set data.train_split")
+        raise UserError(
+            f"data.train_split={data_cfg.train_split!r} is not in the dataset (splits: {', '.join(raw)}); set data.train_split"
+        )
     train = raw[data_cfg.train_split]
-    target = ("data.mask_column", data_cfg.mask_column) if segmentation else ("data.label_column", data_cfg.label_column)
+    target = (
+        ("data.mask_column", data_cfg.mask_column) if segmentation else ("data.label_column", data_cfg.label_column)
+    )
     for key, column in (("data.image_column", data_cfg.image_column), target):
         if column not in train.column_names:
-            raise UserError(f"{key}={column!r} is not a column of the dataset (columns: {', '.join(train.column_names)}); set {key}")
+            raise UserError(
+                f"{key}={column!r} is not a column of the dataset (columns: {', '.join(train.column_names)}); set {key}"
+            )
 
     if data_cfg.val_split is not None:
         if data_cfg.val_split not in raw:
-            raise UserError(f"data.val_split={data_cfg.val_split!r} is not in the dataset (splits: {', '.join(raw)}); set data.val_split or null")
+            raise UserError(
+                f"data.val_split={data_cfg.val_split!r} is not in the dataset (splits: {', '.join(raw)}); set data.val_split or null"
+            )
         val, val_source = raw[data_cfg.val_split], data_cfg.val_split
     else:
         found = next((n for n in _VAL_NAMES if n in raw and n != data_cfg.train_split), None)
@@ -147,7 +174,9 @@ def load_splits(data_cfg, seed: int, task: str = "classification") -> Splits:
                 parts = train.train_test_split(test_size=data_cfg.val_fraction, seed=seed)
             train, val, val_source = parts["train"], parts["test"], "val_fraction"
     if segmentation:  # classes come from data.class_names, model.num_classes or a scan (infer_num_classes)
-        return Splits(train=train, val=val, class_names=list(data_cfg.class_names or []), val_source=val_source, label_kind="mask")
+        return Splits(
+            train=train, val=val, class_names=list(data_cfg.class_names or []), val_source=val_source, label_kind="mask"
+        )
     names, kind = class_names(train, data_cfg.label_column)
     return Splits(train=train, val=val, class_names=names, val_source=val_source, label_kind=kind)
 
@@ -173,12 +202,15 @@ def class_names(ds, label_column: str) -> tuple[list[str], str]:
 
 # --------------------------------------------------------------------------- transforms
 
+
 def build_transforms(image_size: int, augment: bool, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """(train transform, eval transform), torchvision transforms v2 on PIL images."""
     from torchvision.transforms import v2
 
     to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
-    eval_tf = v2.Compose([v2.Resize(int(round(image_size / 0.875)), antialias=True), v2.CenterCrop(image_size), *to_tensor])
+    eval_tf = v2.Compose(
+        [v2.Resize(int(round(image_size / 0.875)), antialias=True), v2.CenterCrop(image_size), *to_tensor]
+    )
     if not augment:
         return eval_tf, eval_tf
     train_tf = v2.Compose([v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip(), *to_tensor])
@@ -212,7 +244,9 @@ class ImageDataset(Dataset):
     worker or restart loads the sample.
     """
 
-    def __init__(self, hf_ds, transform, image_column, label_column, task, num_classes, label_to_index, seed=0, random=False):
+    def __init__(
+        self, hf_ds, transform, image_column, label_column, task, num_classes, label_to_index, seed=0, random=False
+    ):
         self.ds, self.transform = hf_ds, transform
         self.image_column, self.label_column = image_column, label_column
         self.task, self.num_classes, self.label_to_index = task, num_classes, label_to_index
@@ -241,7 +275,9 @@ class ImageDataset(Dataset):
         # ClassLabel columns hold indices already; raw values (strings, sparse ints) go through the map
         index = self.label_to_index[str(label)] if self.label_to_index is not None else int(label)
         if not 0 <= index < max(self.num_classes, 2):
-            raise UserError(f"label {label!r} is outside the {self.num_classes} classes of the model; set model.num_classes or fix the labels")
+            raise UserError(
+                f"label {label!r} is outside the {self.num_classes} classes of the model; set model.num_classes or fix the labels"
+            )
         return index
 
     def __getitem__(self, index):
@@ -256,6 +292,7 @@ class ImageDataset(Dataset):
 
 
 # --------------------------------------------------------------------------- segmentation
+
 
 def mask_array(value, where: str) -> np.ndarray:
     """A mask (PIL image of mode L / P / I / 1, a path to one, or an integer array) as (H, W) int64."""
@@ -273,7 +310,9 @@ def mask_array(value, where: str) -> np.ndarray:
     else:
         array = np.asarray(value)
     if array.ndim != 2 or not (np.issubdtype(array.dtype, np.integer) or array.dtype == bool):
-        raise UserError(f"mask of {where} is a {array.dtype} array of shape {array.shape}; give (H, W) integer class indices")
+        raise UserError(
+            f"mask of {where} is a {array.dtype} array of shape {array.shape}; give (H, W) integer class indices"
+        )
     return array.astype(np.int64)
 
 
@@ -287,7 +326,9 @@ def scan_mask_classes(ds, mask_column: str, ignore_index: int | None) -> int:
         if values.size:
             top = max(top, int(values.max()))
     if top < 0:
-        raise UserError(f"the training masks hold no pixel other than loss.ignore_index={ignore_index}; check data.mask_column and the masks")
+        raise UserError(
+            f"the training masks hold no pixel other than loss.ignore_index={ignore_index}; check data.mask_column and the masks"
+        )
     if top == 255 and ignore_index is None:
         raise UserError(
             "the training masks hold the value 255, which VOC-style masks use for borders and unlabelled pixels; "
@@ -319,7 +360,9 @@ class SegmentationDataset(Dataset):
         where = f"{self.split} row {int(index)}"
         mask = mask_array(row[self.mask_column], where)
         if mask.shape != (image.height, image.width):
-            raise UserError(f"mask of {where} is {mask.shape[1]}x{mask.shape[0]} but its image is {image.width}x{image.height}; they must match")
+            raise UserError(
+                f"mask of {where} is {mask.shape[1]}x{mask.shape[0]} but its image is {image.width}x{image.height}; they must match"
+            )
         mask = tv_tensors.Mask(torch.from_numpy(mask))
         if self.random:
             with _sample_rng(self.seed, self.epoch, index):
@@ -400,7 +443,13 @@ def build_datasets(cfg, splits: Splits, norm=(IMAGENET_MEAN, IMAGENET_STD), num_
         )
     mapping = {n: i for i, n in enumerate(splits.class_names)} if splits.label_kind == "values" else None
     train_tf, eval_tf = build_transforms(d.image_size, d.augment, *norm)
-    common = dict(image_column=d.image_column, label_column=d.label_column, task=cfg.task, num_classes=num_classes, label_to_index=mapping)
+    common = dict(
+        image_column=d.image_column,
+        label_column=d.label_column,
+        task=cfg.task,
+        num_classes=num_classes,
+        label_to_index=mapping,
+    )
     train = ImageDataset(splits.train, train_tf, seed=cfg.seed, random=d.augment, **common)
     val = ImageDataset(splits.val, eval_tf, seed=cfg.seed, random=False, **common)
     train.multi_hot = val.multi_hot = splits.label_kind == "multi_hot"
@@ -418,5 +467,7 @@ def build_loaders(cfg, train_ds, val_ds):
     sampler = EpochSampler(len(train_ds), cfg.train.batch_size, cfg.seed)
     workers = cfg.data.num_workers
     train_dl = DataLoader(train_ds, batch_size=micro, sampler=sampler, drop_last=True, num_workers=workers)
-    val_dl = DataLoader(val_ds, batch_size=cfg.train.eval_batch_size or cfg.train.batch_size, shuffle=False, num_workers=workers)
+    val_dl = DataLoader(
+        val_ds, batch_size=cfg.train.eval_batch_size or cfg.train.batch_size, shuffle=False, num_workers=workers
+    )
     return train_dl, val_dl, sampler

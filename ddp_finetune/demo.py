@@ -23,7 +23,9 @@ SOURCE_DIGITS = (0, 1, 2, 3, 4)
 TARGET_DIGITS = (5, 6, 7, 8, 9)
 
 
-def make_digits_folders(root, target_train_per_class: int = 5, target_val_per_class: int = 60, size: int = 32, seed: int = 0) -> dict:
+def make_digits_folders(
+    root, target_train_per_class: int = 5, target_val_per_class: int = 60, size: int = 32, seed: int = 0
+) -> dict:
     """Write `digits_source/<d>/*.png` and `digits_target/{train,validation}/<d>/*.png`.
 
     The target task gets few labelled training images (the point of transfer learning) and a
@@ -32,7 +34,9 @@ def make_digits_folders(root, target_train_per_class: int = 5, target_val_per_cl
     try:
         from sklearn.datasets import load_digits
     except ImportError:
-        raise UserError("the demo needs scikit-learn's digits; install it with: pip install 'ddp-finetune[demo]'") from None
+        raise UserError(
+            "the demo needs scikit-learn's digits; install it with: pip install 'ddp-finetune[demo]'"
+        ) from None
     import numpy as np
     from PIL import Image
 
@@ -73,21 +77,29 @@ def run_demo(out="runs/demo", overrides=()) -> dict:
     data = out / "data"
     if not (data / "digits_target" / "validation").is_dir():
         counts = make_digits_folders(data)
-        print(f"demo: wrote {counts['source']} source images (digits 0-4), {counts['target_train']} target training "
-              f"and {counts['target_validation']} target validation images (digits 5-9) under {data}", flush=True)
+        print(
+            f"demo: wrote {counts['source']} source images (digits 0-4), {counts['target_train']} target training "
+            f"and {counts['target_validation']} target validation images (digits 5-9) under {data}",
+            flush=True,
+        )
     source_dir, target_dir = out / "source", out / "target_finetuned"
     for run_dir in (source_dir, target_dir, out / "target_scratch"):
         if run_dir.exists():  # the demo's own runs from an earlier `ddp-finetune demo`: start over
             print(f"demo: replacing the earlier demo run {run_dir}", flush=True)
             shutil.rmtree(run_dir)
     common = [*overrides]
-    source = load_config(CONFIGS / "digits_source.yaml", [f"output_dir={source_dir}", f"data.path={data / 'digits_source'}", *common])
+    source = load_config(
+        CONFIGS / "digits_source.yaml", [f"output_dir={source_dir}", f"data.path={data / 'digits_source'}", *common]
+    )
     print("\n== 1/3 source task: ResNet-18 from scratch on digits 0-4", flush=True)
     source_summary = fit(source)
     weights = source_summary["final_weights"]
 
     results = {}
-    for label, run_dir, weights_value in (("fine-tuned from source weights", target_dir, weights), ("from scratch", out / "target_scratch", "null")):
+    for label, run_dir, weights_value in (
+        ("fine-tuned from source weights", target_dir, weights),
+        ("from scratch", out / "target_scratch", "null"),
+    ):
         print(f"\n== {'2/3' if weights_value != 'null' else '3/3'} target task, digits 5-9: {label}", flush=True)
         cfg = load_config(
             CONFIGS / "digits_target.yaml",
@@ -95,11 +107,17 @@ def run_demo(out="runs/demo", overrides=()) -> dict:
         )
         results[label] = fit(cfg)
 
-    rows = [(label, s["val"].get("top1", float("nan")), s["val"].get("loss", float("nan")), s["steps"]) for label, s in results.items()]
+    rows = [
+        (label, s["val"].get("top1", float("nan")), s["val"].get("loss", float("nan")), s["steps"])
+        for label, s in results.items()
+    ]
     table = ["| target task (digits 5-9) | top-1 | loss | optimizer steps |", "|---|---|---|---|"]
     table += [f"| {label} | {top1:.3f} | {loss:.3f} | {steps} |" for label, top1, loss, steps in rows]
     text = "\n".join(table)
-    print(f"\nsource task (digits 0-4) validation top-1: {source_summary['val'].get('top1', float('nan')):.3f}\n{text}", flush=True)
+    print(
+        f"\nsource task (digits 0-4) validation top-1: {source_summary['val'].get('top1', float('nan')):.3f}\n{text}",
+        flush=True,
+    )
     (out / "results.md").write_text(text + "\n")
     summary = {"source": source_summary, **results}
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")

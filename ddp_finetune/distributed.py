@@ -58,7 +58,12 @@ def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1, log_with=
 def check_world_size(num_processes: int) -> None:
     env = os.environ
     mpi = any(k in env for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"))
-    if "WORLD_SIZE" not in env and env.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_PORT" in env and not mpi:
+    if (
+        "WORLD_SIZE" not in env
+        and env.get("ACCELERATE_USE_CPU", "").lower() == "true"
+        and "MASTER_PORT" in env
+        and not mpi
+    ):
         # accelerate's simple launcher sets MASTER_PORT only when asked for several processes,
         # yet starts one: N-process CPU runs there mean mpirun (PITFALLS item 2)
         raise UserError(

@@ -43,9 +43,9 @@ from __future__ import annotations
 import contextlib
 import importlib
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +56,12 @@ from .errors import UserError
 
 LOSS_NAMES = ("cross_entropy", "dice", "dice_bce", "iou", "focal", "tversky")
 MODES = ("binary", "multilabel", "multiclass")
-TASK_MODES = {"classification": "multiclass", "binary": "binary", "multilabel": "multilabel", "segmentation": "multiclass"}
+TASK_MODES = {
+    "classification": "multiclass",
+    "binary": "binary",
+    "multilabel": "multilabel",
+    "segmentation": "multiclass",
+}
 
 _EXPECTED = {
     "binary": "logits (N,), (N, 1) or (N, 1, H, W) and float targets in [0, 1] of the same shape or without the channel dim",
@@ -66,6 +71,7 @@ _EXPECTED = {
 
 
 # --------------------------------------------------------------------------- inputs
+
 
 @dataclass
 class _Batch:
@@ -105,11 +111,13 @@ def _fail(loss: str, mode: str, logits: Tensor, targets: Tensor, problem: str) -
     )
 
 
-def _prepare(loss: str, logits: Tensor, targets: Tensor, mode: str, ignore_index: Optional[int]) -> _Batch:
+def _prepare(loss: str, logits: Tensor, targets: Tensor, mode: str, ignore_index: int | None) -> _Batch:
     if mode not in MODES:
         raise UserError(f"{loss}: mode={mode!r} is not one of {', '.join(MODES)}")
     if not isinstance(logits, Tensor) or not isinstance(targets, Tensor):
-        raise UserError(f"{loss}: logits and targets must be tensors, got {type(logits).__name__} and {type(targets).__name__}")
+        raise UserError(
+            f"{loss}: logits and targets must be tensors, got {type(logits).__name__} and {type(targets).__name__}"
+        )
     if not logits.is_floating_point():
         raise _fail(loss, mode, logits, targets, "logits must be a floating-point tensor")
     shape, tshape = tuple(logits.shape), tuple(targets.shape)
@@ -117,7 +125,13 @@ def _prepare(loss: str, logits: Tensor, targets: Tensor, mode: str, ignore_index
         if len(shape) == 1:
             shape = shape + (1,)
         if len(shape) < 2 or shape[1] != 1:
-            raise _fail(loss, mode, logits, targets, "binary mode needs one logit channel (use multiclass for softmax over channels)")
+            raise _fail(
+                loss,
+                mode,
+                logits,
+                targets,
+                "binary mode needs one logit channel (use multiclass for softmax over channels)",
+            )
         if tshape not in (tuple(logits.shape), shape[:1] + shape[2:]):
             raise _fail(loss, mode, logits, targets, "target shape does not match the logits")
     elif len(shape) < 2:
@@ -159,9 +173,8 @@ def _prepare(loss: str, logits: Tensor, targets: Tensor, mode: str, ignore_index
         mask = (~ignored).to(dtype)
         expected_values = "values in [0, 1]"
     bad = (~(valid | ignored)).sum()
-    shapes = (
-        f"logits {tuple(logits.shape)}, targets {tuple(targets.shape)}; expected {expected_values}"
-        + (f" or ignore_index={ignore_index}" if ignore_index is not None else "")
+    shapes = f"logits {tuple(logits.shape)}, targets {tuple(targets.shape)}; expected {expected_values}" + (
+        f" or ignore_index={ignore_index}" if ignore_index is not None else ""
     )
     return _Batch(x, t, mask, bad, mode, loss, shapes)
 
@@ -183,11 +196,13 @@ def _sum_over_ranks(batch: _Batch, stats: Sequence[Tensor], sync: bool) -> list[
     return [part.reshape(s.shape) for part, s in zip(flat[:-1].split(sizes), stats)]
 
 
-def _weights(loss: str, class_weights, num_classes: int, x: Tensor) -> Optional[Tensor]:
+def _weights(loss: str, class_weights, num_classes: int, x: Tensor) -> Tensor | None:
     if class_weights is None:
         return None
     # checked as Python floats: no device round trip per call for weights kept on the GPU
-    values = [float(v) for v in (class_weights.reshape(-1).tolist() if isinstance(class_weights, Tensor) else class_weights)]
+    values = [
+        float(v) for v in (class_weights.reshape(-1).tolist() if isinstance(class_weights, Tensor) else class_weights)
+    ]
     if len(values) != num_classes:
         raise UserError(
             f"{loss}: class_weights has {len(values)} values but the logits have {num_classes} classes; give one weight per class"
@@ -204,7 +219,7 @@ def _no_autocast(x: Tensor):
     return contextlib.nullcontext()
 
 
-def _check(loss: str, name: str, value, low: float, high: Optional[float] = None, high_open: bool = False) -> None:
+def _check(loss: str, name: str, value, low: float, high: float | None = None, high_open: bool = False) -> None:
     bad = value < low or (high is not None and (value > high or (high_open and value == high)))
     if bad:
         limit = f">= {low}" if high is None else f"in [{low}, {high}{')' if high_open else ']'}"
@@ -218,6 +233,7 @@ def _divide(num: Tensor, den: Tensor) -> Tensor:
 
 # --------------------------------------------------------------------------- building blocks
 
+
 def _region_stats(batch: _Batch, per_image: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Σp·t, Σp, Σt per class (C,), or per image and class (N, C) with per_image."""
     p = batch.probs() * batch.mask
@@ -226,7 +242,9 @@ def _region_stats(batch: _Batch, per_image: bool) -> tuple[Tensor, Tensor, Tenso
     return (p * t).sum(dims), p.sum(dims), t.sum(dims)
 
 
-def _region_loss(batch: _Batch, score: Callable, per_image: bool, weights: Optional[Tensor], sync: bool, extra=()) -> tuple[Tensor, list]:
+def _region_loss(
+    batch: _Batch, score: Callable, per_image: bool, weights: Tensor | None, sync: bool, extra=()
+) -> tuple[Tensor, list]:
     """1 - score per class, averaged over classes; `extra` statistics ride in the same all-reduce.
 
     Global (default): the three sums are reduced, then scored. per_image: each image is scored
@@ -244,11 +262,20 @@ def _region_loss(batch: _Batch, score: Callable, per_image: bool, weights: Optio
         per_class = score(*summed[0])
     loss_c = 1 - per_class
     loss = (loss_c * weights).sum() / weights.sum() if weights is not None else loss_c.mean()
-    return loss, summed[len(local):]
+    return loss, summed[len(local) :]
 
 
-def _overlap_loss(loss: str, score: Callable, logits: Tensor, targets: Tensor, mode: str, per_image: bool,
-                  ignore_index: Optional[int], class_weights, sync: bool) -> Tensor:
+def _overlap_loss(
+    loss: str,
+    score: Callable,
+    logits: Tensor,
+    targets: Tensor,
+    mode: str,
+    per_image: bool,
+    ignore_index: int | None,
+    class_weights,
+    sync: bool,
+) -> Tensor:
     """Dice / IoU / Tversky: 1 - score of the rank-summed overlap statistics."""
     with _no_autocast(logits):
         batch = _prepare(loss, logits, targets, mode, ignore_index)
@@ -270,7 +297,7 @@ def _tversky_score(alpha: float, beta: float, smooth: float):
     return lambda tp, sp, st: _divide(tp + smooth, tp + alpha * (sp - tp) + beta * (st - tp) + smooth)
 
 
-def _ce_stats(batch: _Batch, weights: Optional[Tensor], label_smoothing: float) -> list[Tensor]:
+def _ce_stats(batch: _Batch, weights: Tensor | None, label_smoothing: float) -> list[Tensor]:
     """(loss sum, weight sum) of cross-entropy: F.cross_entropy's mean is their ratio.
 
     multiclass: Σ m·[(1-ε)·w_y·(-log p_y) + ε/C·Σ_c w_c·(-log p_c)] and Σ m·w_y, torch's own
@@ -297,6 +324,7 @@ def _ce_stats(batch: _Batch, weights: Optional[Tensor], label_smoothing: float) 
 
 # --------------------------------------------------------------------------- losses
 
+
 def dice_loss(
     logits: Tensor,
     targets: Tensor,
@@ -304,8 +332,8 @@ def dice_loss(
     *,
     smooth: float = 1.0,
     per_image: bool = False,
-    ignore_index: Optional[int] = None,
-    class_weights: Optional[Sequence[float]] = None,
+    ignore_index: int | None = None,
+    class_weights: Sequence[float] | None = None,
     sync: bool = True,
 ) -> Tensor:
     """Soft Dice loss of the global batch.
@@ -318,7 +346,9 @@ def dice_loss(
     over the images of the global batch, then over classes. s = `smooth`.
     """
     _check("dice_loss", "smooth", smooth, 0.0)
-    return _overlap_loss("dice_loss", _dice_score(smooth), logits, targets, mode, per_image, ignore_index, class_weights, sync)
+    return _overlap_loss(
+        "dice_loss", _dice_score(smooth), logits, targets, mode, per_image, ignore_index, class_weights, sync
+    )
 
 
 def iou_loss(
@@ -328,8 +358,8 @@ def iou_loss(
     *,
     smooth: float = 1.0,
     per_image: bool = False,
-    ignore_index: Optional[int] = None,
-    class_weights: Optional[Sequence[float]] = None,
+    ignore_index: int | None = None,
+    class_weights: Sequence[float] | None = None,
     sync: bool = True,
 ) -> Tensor:
     """Soft IoU (Jaccard) loss: 1 − (Σp·t + s) / (Σp + Σt − Σp·t + s).
@@ -337,7 +367,9 @@ def iou_loss(
     Sums, modes, classes, `per_image` and weights exactly as in `dice_loss`.
     """
     _check("iou_loss", "smooth", smooth, 0.0)
-    return _overlap_loss("iou_loss", _iou_score(smooth), logits, targets, mode, per_image, ignore_index, class_weights, sync)
+    return _overlap_loss(
+        "iou_loss", _iou_score(smooth), logits, targets, mode, per_image, ignore_index, class_weights, sync
+    )
 
 
 def tversky_loss(
@@ -349,8 +381,8 @@ def tversky_loss(
     beta: float = 0.5,
     smooth: float = 1.0,
     per_image: bool = False,
-    ignore_index: Optional[int] = None,
-    class_weights: Optional[Sequence[float]] = None,
+    ignore_index: int | None = None,
+    class_weights: Sequence[float] | None = None,
     sync: bool = True,
 ) -> Tensor:
     """Tversky loss: 1 − (Σpt + s) / (Σpt + α·Σp(1−t) + β·Σ(1−p)t + s).
@@ -361,7 +393,17 @@ def tversky_loss(
     """
     for name, value in (("alpha", alpha), ("beta", beta), ("smooth", smooth)):
         _check("tversky_loss", name, value, 0.0)
-    return _overlap_loss("tversky_loss", _tversky_score(alpha, beta, smooth), logits, targets, mode, per_image, ignore_index, class_weights, sync)
+    return _overlap_loss(
+        "tversky_loss",
+        _tversky_score(alpha, beta, smooth),
+        logits,
+        targets,
+        mode,
+        per_image,
+        ignore_index,
+        class_weights,
+        sync,
+    )
 
 
 def dice_bce_loss(
@@ -371,8 +413,8 @@ def dice_bce_loss(
     *,
     smooth: float = 1.0,
     per_image: bool = False,
-    ignore_index: Optional[int] = None,
-    class_weights: Optional[Sequence[float]] = None,
+    ignore_index: int | None = None,
+    class_weights: Sequence[float] | None = None,
     sync: bool = True,
 ) -> Tensor:
     """Dice + BCE: the mean BCE-with-logits over the (non-ignored) elements plus `dice_loss`.
@@ -395,10 +437,10 @@ def focal_loss(
     targets: Tensor,
     mode: str = "binary",
     *,
-    alpha: Optional[float] = 0.25,
+    alpha: float | None = 0.25,
     gamma: float = 2.0,
-    ignore_index: Optional[int] = None,
-    class_weights: Optional[Sequence[float]] = None,
+    ignore_index: int | None = None,
+    class_weights: Sequence[float] | None = None,
     sync: bool = True,
 ) -> Tensor:
     """Focal loss (Lin et al. 2017): the mean over elements of α_t·(1 − p_t)^γ·BCE.
@@ -452,8 +494,8 @@ def cross_entropy_loss(
     mode: str = "multiclass",
     *,
     label_smoothing: float = 0.0,
-    ignore_index: Optional[int] = None,
-    class_weights: Optional[Sequence[float]] = None,
+    ignore_index: int | None = None,
+    class_weights: Sequence[float] | None = None,
     sync: bool = True,
 ) -> Tensor:
     """Cross-entropy with label smoothing, its mean taken over the global batch.
@@ -474,6 +516,7 @@ def cross_entropy_loss(
 
 
 # --------------------------------------------------------------------------- modules
+
 
 class _Loss(nn.Module):
     """A loss function with its options bound; `forward(logits, targets)` calls it."""
@@ -498,7 +541,9 @@ class DiceLoss(_Loss):
     _fn = staticmethod(dice_loss)
 
     def __init__(self, mode="binary", *, smooth=1.0, per_image=False, ignore_index=None, class_weights=None, sync=True):
-        super().__init__(mode, smooth=smooth, per_image=per_image, ignore_index=ignore_index, class_weights=class_weights, sync=sync)
+        super().__init__(
+            mode, smooth=smooth, per_image=per_image, ignore_index=ignore_index, class_weights=class_weights, sync=sync
+        )
 
 
 class IoULoss(_Loss):
@@ -507,7 +552,9 @@ class IoULoss(_Loss):
     _fn = staticmethod(iou_loss)
 
     def __init__(self, mode="binary", *, smooth=1.0, per_image=False, ignore_index=None, class_weights=None, sync=True):
-        super().__init__(mode, smooth=smooth, per_image=per_image, ignore_index=ignore_index, class_weights=class_weights, sync=sync)
+        super().__init__(
+            mode, smooth=smooth, per_image=per_image, ignore_index=ignore_index, class_weights=class_weights, sync=sync
+        )
 
 
 class TverskyLoss(_Loss):
@@ -516,11 +563,26 @@ class TverskyLoss(_Loss):
     _fn = staticmethod(tversky_loss)
 
     def __init__(
-        self, mode="binary", *, alpha=0.5, beta=0.5, smooth=1.0, per_image=False, ignore_index=None, class_weights=None, sync=True
+        self,
+        mode="binary",
+        *,
+        alpha=0.5,
+        beta=0.5,
+        smooth=1.0,
+        per_image=False,
+        ignore_index=None,
+        class_weights=None,
+        sync=True,
     ):
         super().__init__(
-            mode, alpha=alpha, beta=beta, smooth=smooth, per_image=per_image,
-            ignore_index=ignore_index, class_weights=class_weights, sync=sync,
+            mode,
+            alpha=alpha,
+            beta=beta,
+            smooth=smooth,
+            per_image=per_image,
+            ignore_index=ignore_index,
+            class_weights=class_weights,
+            sync=sync,
         )
 
 
@@ -530,7 +592,9 @@ class DiceBCELoss(_Loss):
     _fn = staticmethod(dice_bce_loss)
 
     def __init__(self, mode="binary", *, smooth=1.0, per_image=False, ignore_index=None, class_weights=None, sync=True):
-        super().__init__(mode, smooth=smooth, per_image=per_image, ignore_index=ignore_index, class_weights=class_weights, sync=sync)
+        super().__init__(
+            mode, smooth=smooth, per_image=per_image, ignore_index=ignore_index, class_weights=class_weights, sync=sync
+        )
 
 
 class FocalLoss(_Loss):
@@ -539,7 +603,9 @@ class FocalLoss(_Loss):
     _fn = staticmethod(focal_loss)
 
     def __init__(self, mode="binary", *, alpha=0.25, gamma=2.0, ignore_index=None, class_weights=None, sync=True):
-        super().__init__(mode, alpha=alpha, gamma=gamma, ignore_index=ignore_index, class_weights=class_weights, sync=sync)
+        super().__init__(
+            mode, alpha=alpha, gamma=gamma, ignore_index=ignore_index, class_weights=class_weights, sync=sync
+        )
 
 
 class CrossEntropyLoss(_Loss):
@@ -548,7 +614,9 @@ class CrossEntropyLoss(_Loss):
     _fn = staticmethod(cross_entropy_loss)
 
     def __init__(self, mode="multiclass", *, label_smoothing=0.0, ignore_index=None, class_weights=None, sync=True):
-        super().__init__(mode, label_smoothing=label_smoothing, ignore_index=ignore_index, class_weights=class_weights, sync=sync)
+        super().__init__(
+            mode, label_smoothing=label_smoothing, ignore_index=ignore_index, class_weights=class_weights, sync=sync
+        )
 
 
 # --------------------------------------------------------------------------- factory
@@ -591,7 +659,9 @@ def build_loss(cfg_loss, task: str, num_classes: int) -> Callable[[Tensor, Tenso
             f"loss.name={name!r} is not one of {', '.join(LOSS_NAMES)}; or give your own loss as package.module:Name"
         )
     if cfg_loss.args:
-        raise UserError(f"loss.args={cfg_loss.args!r} is only for a user loss (loss.name=package.module:Name); remove it for {name}")
+        raise UserError(
+            f"loss.args={cfg_loss.args!r} is only for a user loss (loss.name=package.module:Name); remove it for {name}"
+        )
     if task not in TASK_MODES:
         raise UserError(f"task={task!r} is not one of {', '.join(TASK_MODES)}")
     mode = cfg_loss.mode or TASK_MODES[task]
@@ -601,13 +671,17 @@ def build_loss(cfg_loss, task: str, num_classes: int) -> Callable[[Tensor, Tenso
             f"set loss.mode={TASK_MODES[task]} or null"
         )
     if cfg_loss.label_smoothing and name != "cross_entropy":
-        raise UserError(f"loss.label_smoothing={cfg_loss.label_smoothing} is only used by cross_entropy, not {name}; set it to 0")
+        raise UserError(
+            f"loss.label_smoothing={cfg_loss.label_smoothing} is only used by cross_entropy, not {name}; set it to 0"
+        )
     if cfg_loss.per_image and name in ("cross_entropy", "focal"):
         raise UserError(f"loss.per_image=true is for dice, dice_bce, iou and tversky, not {name}; set it to false")
     weights = cfg_loss.class_weights
     expected = 1 if mode == "binary" else num_classes
     if weights is not None and len(weights) != expected:
-        raise UserError(f"loss.class_weights has {len(weights)} values but there are {expected} classes; give one weight per class")
+        raise UserError(
+            f"loss.class_weights has {len(weights)} values but there are {expected} classes; give one weight per class"
+        )
     common = dict(ignore_index=cfg_loss.ignore_index, class_weights=weights, sync=cfg_loss.sync)
     region = dict(smooth=cfg_loss.smooth, per_image=cfg_loss.per_image, **common)
     if name == "cross_entropy":
@@ -623,7 +697,9 @@ def build_loss(cfg_loss, task: str, num_classes: int) -> Callable[[Tensor, Tenso
             raise UserError("loss.alpha=null but tversky needs the false-positive weight alpha, e.g. loss.alpha=0.3")
         return TverskyLoss(mode, alpha=cfg_loss.alpha, beta=cfg_loss.beta, **region)
     if mode != "multiclass" and weights is not None:
-        raise UserError(f"loss.class_weights are not used by focal in {mode} mode (it balances with loss.alpha); remove them")
+        raise UserError(
+            f"loss.class_weights are not used by focal in {mode} mode (it balances with loss.alpha); remove them"
+        )
     return FocalLoss(mode, alpha=cfg_loss.alpha, gamma=cfg_loss.gamma, **common)
 
 
@@ -635,7 +711,9 @@ def _user_loss(name: str, args: dict) -> Callable[[Tensor, Tensor], Tensor]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise UserError(f"loss.name={name!r}: cannot import {module_name!r} ({exc}); put it on PYTHONPATH or {valid}") from None
+        raise UserError(
+            f"loss.name={name!r}: cannot import {module_name!r} ({exc}); put it on PYTHONPATH or {valid}"
+        ) from None
     obj = getattr(module, attr, None)
     if obj is None:
         raise UserError(f"loss.name={name!r}: module {module_name!r} has no {attr!r}; {valid}")
@@ -645,7 +723,9 @@ def _user_loss(name: str, args: dict) -> Callable[[Tensor, Tensor], Tensor]:
         try:
             return obj(**args)
         except TypeError as exc:
-            raise UserError(f"loss.name={name!r}: cannot build it with loss.args={args!r} ({exc}); fix loss.args") from None
+            raise UserError(
+                f"loss.name={name!r}: cannot build it with loss.args={args!r} ({exc}); fix loss.args"
+            ) from None
     if not callable(obj):
         raise UserError(f"loss.name={name!r} is not callable; {valid}")
     return partial(obj, **args) if args else obj

@@ -53,7 +53,10 @@ def _simulate(cfg, steps_per_epoch: int, model=None, head_prefixes: list[str] | 
         head_prefixes = prefixes_of(model)
     groups = build_param_groups(model, head_prefixes, cfg.optim)
     # Same groups and hyperparameters, one 1-element tensor each: the schedule only sees groups.
-    stand_in = [{**{k: v for k, v in g.items() if k != "params"}, "params": [torch.zeros(1, requires_grad=True)]} for g in groups]
+    stand_in = [
+        {**{k: v for k, v in g.items() if k != "params"}, "params": [torch.zeros(1, requires_grad=True)]}
+        for g in groups
+    ]
     optimizer = make_optimizer(stand_in, cfg.optim)
     schedule = build_schedule(cfg.schedule, optimizer, steps_per_epoch, cfg.train.epochs)
     description = schedule.describe()
@@ -70,7 +73,9 @@ def _simulate(cfg, steps_per_epoch: int, model=None, head_prefixes: list[str] | 
     return dict(series), description
 
 
-def simulate_lrs(cfg, steps_per_epoch: int, model=None, head_prefixes: list[str] | None = None) -> dict[str, list[float]]:
+def simulate_lrs(
+    cfg, steps_per_epoch: int, model=None, head_prefixes: list[str] | None = None
+) -> dict[str, list[float]]:
     """The lr of each logical group at every optimizer step of the run (index s: the lr step s uses).
 
     Keys are those of `param_groups.lr_log(optimizer, per_block=True)`: `lr/head`,
@@ -82,7 +87,9 @@ def simulate_lrs(cfg, steps_per_epoch: int, model=None, head_prefixes: list[str]
     return _simulate(cfg, steps_per_epoch, model, head_prefixes)[0]
 
 
-def plot_lrs(series: dict[str, list[float]], out_path, unfreeze_step: int | None = None, title: str = "learning rate per group"):
+def plot_lrs(
+    series: dict[str, list[float]], out_path, unfreeze_step: int | None = None, title: str = "learning rate per group"
+):
     """Draw each series against the optimizer step into a PNG; returns its path.
 
     `unfreeze_step`: the optimizer step from which the backbone trains; the frozen span before
@@ -101,7 +108,9 @@ def plot_lrs(series: dict[str, list[float]], out_path, unfreeze_step: int | None
         ax.plot(range(len(values)), values, label=key.removeprefix("lr/"), linewidth=1.2)
     if unfreeze_step is not None:
         ax.axvspan(0, unfreeze_step, color="0.85", alpha=0.5, label="backbone frozen")
-        ax.axvline(unfreeze_step, color="0.3", linestyle="--", linewidth=1, label=f"backbone unfreezes (step {unfreeze_step})")
+        ax.axvline(
+            unfreeze_step, color="0.3", linestyle="--", linewidth=1, label=f"backbone unfreezes (step {unfreeze_step})"
+        )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("learning rate")
     ax.set_title(title, fontsize=10)

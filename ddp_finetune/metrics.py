@@ -38,6 +38,7 @@ def classification_metrics(logits: torch.Tensor, targets: torch.Tensor, task: st
 
 # --------------------------------------------------------------------------- segmentation
 
+
 def confusion_matrices(preds: torch.Tensor, targets: torch.Tensor, num_classes: int, ignore_index: int | None = None):
     """Per-sample confusion matrices and out-of-range counts.
 

@@ -41,7 +41,9 @@ def check_model_name(name: str, task: str | None = None) -> None:
         names, kind, listing = segmenters, "segmentation model", "torchvision.models.segmentation"
     else:
         if task is not None and name in segmenters:
-            raise UserError(f"model.name={name!r} is a segmentation model but task={task}; set task=segmentation or pick a classifier")
+            raise UserError(
+                f"model.name={name!r} is a segmentation model but task={task}; set task=segmentation or pick a classifier"
+            )
         names = classifiers + (segmenters if task is None else [])
         kind, listing = "classifier", "torchvision.models"
     if name not in names:
@@ -73,6 +75,7 @@ def builder_kwargs(name: str, weights: str | None) -> dict:
 
 
 # --------------------------------------------------------------------------- heads
+
 
 def _aux_roots(model: nn.Module) -> list[str]:
     """Auxiliary classifiers of GoogLeNet (aux1, aux2) and Inception v3 (AuxLogits)."""
@@ -159,6 +162,7 @@ def replace_head(model: nn.Module, num_classes: int) -> list[str]:
 
 # --------------------------------------------------------------------------- weights
 
+
 def _is_local(weights: str) -> bool:
     return weights.lower().endswith(_LOCAL_SUFFIXES) or os.sep in weights or weights.startswith(".")
 
@@ -194,14 +198,18 @@ def _load_enum_state(weights_enum) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"cached weights file {path} is corrupt or incomplete ({reason}); delete it and run again to re-download") from None
+        raise UserError(
+            f"cached weights file {path} is corrupt or incomplete ({reason}); delete it and run again to re-download"
+        ) from None
 
 
 def load_state_file(path: str | Path) -> dict:
     """A state dict from a .pth/.pt/.bin (torch.save) or .safetensors file, unwrapped and cleaned."""
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"model.weights={str(path)!r}: file not found; give an existing .pth/.safetensors file or a torchvision weights name")
+        raise UserError(
+            f"model.weights={str(path)!r}: file not found; give an existing .pth/.safetensors file or a torchvision weights name"
+        )
     try:
         if p.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -211,12 +219,16 @@ def load_state_file(path: str | Path) -> dict:
             state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"weights file {p} is corrupt or not a state dict ({reason[:200]}); delete or replace it") from None
+        raise UserError(
+            f"weights file {p} is corrupt or not a state dict ({reason[:200]}); delete or replace it"
+        ) from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"weights file {p} does not hold a state dict of tensors; save it with torch.save(model.state_dict(), ...)")
+        raise UserError(
+            f"weights file {p} does not hold a state dict of tensors; save it with torch.save(model.state_dict(), ...)"
+        )
     # weights saved from a DDP- or torch.compile-wrapped model
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
 
@@ -267,7 +279,9 @@ def _load_local(model: nn.Module, path: str, heads: list[str], load_head: bool, 
     report["unexpected_keys"] = list(result.unexpected_keys)
     matched = len(filtered) - len(result.unexpected_keys)
     if matched == 0:
-        raise UserError(f"weights file {path} shares no parameter names with {type(model).__name__}; is model.name the architecture it was saved from?")
+        raise UserError(
+            f"weights file {path} shares no parameter names with {type(model).__name__}; is model.name the architecture it was saved from?"
+        )
 
 
 def _enum_normalization(weights_enum) -> dict | None:
@@ -286,5 +300,9 @@ def split_outputs(outputs) -> tuple[torch.Tensor, list[torch.Tensor]]:
     if isinstance(outputs, dict):
         return outputs["out"], [outputs["aux"]] if outputs.get("aux") is not None else []
     logits = outputs.logits
-    aux = [getattr(outputs, n) for n in ("aux_logits", "aux_logits2", "aux_logits1") if getattr(outputs, n, None) is not None]
+    aux = [
+        getattr(outputs, n)
+        for n in ("aux_logits", "aux_logits2", "aux_logits1")
+        if getattr(outputs, n, None) is not None
+    ]
     return logits, aux

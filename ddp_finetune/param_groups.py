@@ -62,6 +62,7 @@ _VIT_FINAL_NORM = "encoder.ln"
 
 # --------------------------------------------------------------------------- names
 
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The user's model under DDP / DataParallel / torch.compile wrappers (their names add a prefix)."""
     while True:
@@ -151,6 +152,7 @@ def _no_decay_ids(model: nn.Module) -> set[int]:
 
 # --------------------------------------------------------------------------- groups
 
+
 def build_param_groups(model: nn.Module, head_prefixes: list[str], optim_cfg) -> list[dict]:
     """Optimizer groups: a partition of all parameters into backbone and head groups.
 
@@ -209,9 +211,13 @@ def build_param_groups(model: nn.Module, head_prefixes: list[str], optim_cfg) ->
 def make_optimizer(groups: list[dict], optim_cfg) -> torch.optim.Optimizer:
     """SGD (with `optim.momentum`) or AdamW (with `optim.betas`); lr and weight decay come per group."""
     if optim_cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=optim_cfg.lr, momentum=optim_cfg.momentum, weight_decay=optim_cfg.weight_decay)
+        return torch.optim.SGD(
+            groups, lr=optim_cfg.lr, momentum=optim_cfg.momentum, weight_decay=optim_cfg.weight_decay
+        )
     if optim_cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), weight_decay=optim_cfg.weight_decay)
+        return torch.optim.AdamW(
+            groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), weight_decay=optim_cfg.weight_decay
+        )
     raise UserError(f"optim.name={optim_cfg.name!r} is not one of sgd, adamw")
 
 
@@ -245,11 +251,14 @@ def describe_groups(groups: list[dict]) -> str:
         count = sum(p.numel() for p in g["params"])
         frozen = " (frozen)" if g["params"] and not any(p.requires_grad for p in g["params"]) else ""
         name = str(g.get("name", f"group{i}"))
-        lines.append(f"  {name:<{width}}  {count:>12,} params  lr {g['lr']:.4g}  weight_decay {g['weight_decay']:.4g}{frozen}")
+        lines.append(
+            f"  {name:<{width}}  {count:>12,} params  lr {g['lr']:.4g}  weight_decay {g['weight_decay']:.4g}{frozen}"
+        )
     return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- freezing
+
 
 def uses_static_freeze(model_cfg) -> bool:
     """`freeze_backbone` for the whole run: freeze with requires_grad=False before wrapping."""

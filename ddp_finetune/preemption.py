@@ -67,7 +67,7 @@ class StopWatcher:
         if self.signal is None:
             self.signal = signal.Signals(signum)
 
-    def install(self) -> "StopWatcher":
+    def install(self) -> StopWatcher:
         """Route SIGUSR1/USR2/TERM/INT to the flag. A no-op off the main thread (Python only
         delivers signals there) and when already installed."""
         if self._previous or threading.current_thread() is not threading.main_thread():
@@ -82,7 +82,7 @@ class StopWatcher:
             signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
         self._previous = {}
 
-    def __enter__(self) -> "StopWatcher":
+    def __enter__(self) -> StopWatcher:
         return self.install()
 
     def __exit__(self, *exc) -> None:

@@ -57,7 +57,12 @@ MULTIPLIER_SCHEDULES = ("constant", "step_decay")
 _NOT_BY_NAME = {"LRScheduler", "_LRScheduler", "SequentialLR", "ChainedScheduler", "LambdaLR", "MultiplicativeLR"}
 
 # Length arguments defaulted to the run's length (after warmup, in interval units).
-_LENGTH_ARGS = {"CosineAnnealingLR": "T_max", "OneCycleLR": "total_steps", "PolynomialLR": "total_iters", "LinearLR": "total_iters"}
+_LENGTH_ARGS = {
+    "CosineAnnealingLR": "T_max",
+    "OneCycleLR": "total_steps",
+    "PolynomialLR": "total_iters",
+    "LinearLR": "total_iters",
+}
 
 
 def torch_scheduler_names() -> list[str]:
@@ -100,9 +105,19 @@ class Schedule:
     (the lrs are re-applied on load, whether the optimizer state is loaded before or after).
     """
 
-    def __init__(self, optimizer, name: str, interval: str, warmup_steps: int, steps_per_epoch: int,
-                 epochs: int, every: int = 30, gamma: float = 0.1, monitor: str = "val/loss",
-                 args: dict | None = None):
+    def __init__(
+        self,
+        optimizer,
+        name: str,
+        interval: str,
+        warmup_steps: int,
+        steps_per_epoch: int,
+        epochs: int,
+        every: int = 30,
+        gamma: float = 0.1,
+        monitor: str = "val/loss",
+        args: dict | None = None,
+    ):
         self.optimizer = optimizer
         self.name = name
         self.interval = interval
@@ -186,7 +201,12 @@ class Schedule:
         """Call after each optimizer step that really happened."""
         self.steps += 1
         # The torch scheduler's step 0 is optimizer step W; it is stepped from there on.
-        if self.scheduler is not None and self.interval == "step" and not self.plateau and self.steps > self.warmup_steps:
+        if (
+            self.scheduler is not None
+            and self.interval == "step"
+            and not self.plateau
+            and self.steps > self.warmup_steps
+        ):
             self.scheduler.step()
         self._apply()
 
@@ -272,7 +292,9 @@ def build_schedule(schedule_cfg, optimizer: torch.optim.Optimizer, steps_per_epo
         raise UserError(f"train.epochs={epochs} must be a positive number")
     name = _resolve_name(schedule_cfg.name)
     if name in MULTIPLIER_SCHEDULES and schedule_cfg.args:
-        raise UserError(f"schedule.args={schedule_cfg.args} is only for torch schedulers; {name} takes schedule.every / schedule.gamma")
+        raise UserError(
+            f"schedule.args={schedule_cfg.args} is only for torch schedulers; {name} takes schedule.every / schedule.gamma"
+        )
     return Schedule(
         optimizer,
         name=name,

@@ -84,7 +84,11 @@ class MetricsLog:
             if resume_step is None:
                 self.path.write_text("")
             elif self.path.exists():
-                kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+                kept = [
+                    line
+                    for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step
+                ]
                 self.path.write_text("".join(k + "\n" for k in kept))
 
     def log(self, record: dict) -> None:

@@ -110,10 +110,25 @@ def setup(cfg: Config):
     # listed once, from the prepared model: the loop drops their grads every step while frozen
     frozen_params = backbone_params(model, heads) if dynamic_freeze else []
     return dict(
-        accelerator=accelerator, cfg=cfg, model=model, optimizer=prepared_opt, raw_optimizer=optimizer,
-        schedule=schedule, train_dl=train_dl, val_dl=val_dl, sampler=sampler, train_ds=train_ds,
-        loss_fn=loss_fn, eval_loss_fn=eval_loss_fn, frozen_params=frozen_params, dynamic_freeze=dynamic_freeze,
-        steps_per_epoch=steps_per_epoch, num_classes=num_classes, splits=splits, report=report, groups=groups,
+        accelerator=accelerator,
+        cfg=cfg,
+        model=model,
+        optimizer=prepared_opt,
+        raw_optimizer=optimizer,
+        schedule=schedule,
+        train_dl=train_dl,
+        val_dl=val_dl,
+        sampler=sampler,
+        train_ds=train_ds,
+        loss_fn=loss_fn,
+        eval_loss_fn=eval_loss_fn,
+        frozen_params=frozen_params,
+        dynamic_freeze=dynamic_freeze,
+        steps_per_epoch=steps_per_epoch,
+        num_classes=num_classes,
+        splits=splits,
+        report=report,
+        groups=groups,
         classes_from=classes_from,
     )
 
@@ -264,7 +279,11 @@ def train_one_epoch(ctx, prog: Progress, log: MetricsLog, watcher, bar) -> bool:
                 record["skipped_step"] = True
             log.log(record)
             if bar is not None:
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{next(iter(step_lrs.values())):.2e}", img_s=f"{record['images_per_second']:.0f}")
+                bar.set_postfix(
+                    loss=f"{record['loss']:.4f}",
+                    lr=f"{next(iter(step_lrs.values())):.2e}",
+                    img_s=f"{record['images_per_second']:.0f}",
+                )
             window.zero_()
             window_images, window_start = 0, time.perf_counter()
         if bar is not None:
@@ -275,7 +294,9 @@ def train_one_epoch(ctx, prog: Progress, log: MetricsLog, watcher, bar) -> bool:
         if dist_utils.any_rank(watcher.requested(), device=a.device):
             save(ctx, prog)
             if a.is_main_process:
-                (Path(cfg.output_dir) / PREEMPTED_FILE).write_text(json.dumps({"step": prog.step, "epoch": epoch}) + "\n")
+                (Path(cfg.output_dir) / PREEMPTED_FILE).write_text(
+                    json.dumps({"step": prog.step, "epoch": epoch}) + "\n"
+                )
                 watcher.clear()  # honoured: the resumed run must not stop at once
             # no rank exits before preempted.json exists: under `srun --kill-on-bad-exit` the
             # first rank to exit ends the others, and the SLURM templates requeue only on that file
@@ -293,7 +314,12 @@ def train_one_epoch(ctx, prog: Progress, log: MetricsLog, watcher, bar) -> bool:
 def save(ctx, prog: Progress) -> Path:
     cfg = ctx["cfg"]
     return ckpt.save_checkpoint(
-        ctx["accelerator"], cfg.output_dir, prog.step, dataclasses.asdict(prog), dump_config(cfg), cfg.checkpoint.keep_last
+        ctx["accelerator"],
+        cfg.output_dir,
+        prog.step,
+        dataclasses.asdict(prog),
+        dump_config(cfg),
+        cfg.checkpoint.keep_last,
     )
 
 
@@ -317,7 +343,9 @@ def fit(cfg: Config) -> dict:
         prog = Progress(**ckpt.load_checkpoint(a, resume_from))
     print_start(ctx)
     if resume_from is not None:
-        dist_utils.print0(f"resumed from {resume_from} at step {prog.step} (epoch {prog.epoch}, step {prog.step_in_epoch} in it)")
+        dist_utils.print0(
+            f"resumed from {resume_from} at step {prog.step} (epoch {prog.epoch}, step {prog.step_in_epoch} in it)"
+        )
     init_trackers(a, cfg)
     log = MetricsLog(a, cfg.output_dir, resume_step=prog.step if resume_from is not None else None)
     watcher = StopWatcher(cfg.output_dir)

@@ -38,13 +38,22 @@ def tiny_config(tmp_path, image_folder, **sections) -> Path:
 
 def child_env() -> dict:
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", WANDB_MODE="offline", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env.update(
+        OMP_NUM_THREADS="1", WANDB_MODE="offline", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1"
+    )
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     return env
 
 
 def run_cli(*args, timeout=600, check=True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "ddp_finetune", *map(str, args)], capture_output=True, text=True, env=child_env(), timeout=timeout, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ddp_finetune", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=timeout,
+        cwd=ROOT,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}")
     return proc
@@ -57,9 +66,24 @@ def accelerate_cmd() -> list[str]:
 
 def launch_2proc(*args, port=29517, timeout=600, check=True) -> subprocess.CompletedProcess:
     """`accelerate launch --multi_gpu --num_processes 2 -m ddp_finetune ...` (2 gloo ranks on CPU)."""
-    cmd = [*accelerate_cmd(), *(["launch"] if accelerate_cmd()[0].endswith("accelerate") else []),
-           "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--main_process_port", str(port), "-m", "ddp_finetune", *map(str, args)]
+    cmd = [
+        *accelerate_cmd(),
+        *(["launch"] if accelerate_cmd()[0].endswith("accelerate") else []),
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+        "-m",
+        "ddp_finetune",
+        *map(str, args),
+    ]
     env = child_env()
     env["CUDA_VISIBLE_DEVICES"] = ""  # 2 gloo ranks on the CPU, also on a machine with one GPU
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)

@@ -3,10 +3,10 @@
 import json
 
 import pytest
+from helpers import fit_in_process, tiny_config
 
 from ddp_finetune import checkpoint as ckpt
 from ddp_finetune.errors import UserError
-from helpers import fit_in_process, tiny_config
 
 
 def _fake_checkpoint(root, step, complete=True):

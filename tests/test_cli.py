@@ -3,9 +3,9 @@
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
+from helpers import run_cli, tiny_config
 
 from ddp_finetune.cli import main
-from helpers import run_cli, tiny_config
 
 
 @pytest.fixture(autouse=True)
@@ -52,11 +52,15 @@ def test_unknown_model_name(capsys, tmp_path, image_folder):
 def test_missing_data_path_and_label_column(capsys, tmp_path, image_folder):
     config = tiny_config(tmp_path, image_folder)
     assert "does not exist" in _error_line(capsys, ["train", config, f"data.path={tmp_path / 'nowhere'}"])
-    assert "data.label_column='kind' is not a column" in _error_line(capsys, ["train", config, "data.label_column=kind"])
+    assert "data.label_column='kind' is not a column" in _error_line(
+        capsys, ["train", config, "data.label_column=kind"]
+    )
 
 
 def test_batch_not_divisible_by_accumulation(capsys, tmp_path, image_folder):
-    line = _error_line(capsys, ["train", tiny_config(tmp_path, image_folder), "train.batch_size=6", "train.grad_accum=4"])
+    line = _error_line(
+        capsys, ["train", tiny_config(tmp_path, image_folder), "train.batch_size=6", "train.grad_accum=4"]
+    )
     assert "train.batch_size=6 does not divide by train.grad_accum=4" in line
 
 

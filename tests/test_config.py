@@ -18,7 +18,9 @@ def test_defaults_and_nested_values():
 
 
 def test_overrides_win_and_are_typed():
-    cfg = config_from_dict({"data": {"path": "x"}}, ["train.epochs=5", "optim.lr=1e-3", "model.weights=null", "data.augment=false"])
+    cfg = config_from_dict(
+        {"data": {"path": "x"}}, ["train.epochs=5", "optim.lr=1e-3", "model.weights=null", "data.augment=false"]
+    )
     assert cfg.train.epochs == 5
     assert cfg.optim.lr == pytest.approx(1e-3) and isinstance(cfg.optim.lr, float)
     assert cfg.model.weights is None and cfg.data.augment is False
@@ -36,12 +38,20 @@ def test_dict_override_values():
         ({"data": {"path": "x"}}, ["train.epoch=3"], "did you mean 'epochs'"),
         ({"data": {"path": "x"}}, ["train.epochs=three"], "train.epochs='three' has the wrong type; expected int"),
         ({"data": {"path": "x"}}, ["data.augment=3"], "expected bool"),
-        ({"data": {"path": "x"}}, ["train.batch_size=10", "train.grad_accum=3"], "does not divide by train.grad_accum=3"),
+        (
+            {"data": {"path": "x"}},
+            ["train.batch_size=10", "train.grad_accum=3"],
+            "does not divide by train.grad_accum=3",
+        ),
         ({"data": {"path": "x"}}, ["train.mixed_precision=fp8"], "train.mixed_precision='fp8' is not one of"),
         ({"data": {"path": "x"}}, ["optim.lr=-1"], "optim.lr=-1.0 is negative"),
         ({"data": {"path": "x"}}, ["epochs"], "not of the form key=value"),
         ({}, [], "data.path is not set"),
-        ({"data": {"path": "x"}}, ["model.freeze_backbone=true", "model.unfreeze_at_epoch=4", "train.epochs=2"], "unfreeze_at_epoch=4 is not before"),
+        (
+            {"data": {"path": "x"}},
+            ["model.freeze_backbone=true", "model.unfreeze_at_epoch=4", "train.epochs=2"],
+            "unfreeze_at_epoch=4 is not before",
+        ),
     ],
 )
 def test_bad_values_are_one_line_user_errors(values, overrides, message):
@@ -67,7 +77,9 @@ def test_missing_file_and_yaml_syntax(tmp_path):
 
 
 def test_dump_round_trips():
-    cfg = config_from_dict({"data": {"path": "x"}}, ["optim.head_lr=0.1", "schedule.name=StepLR", "schedule.args={step_size: 3}"])
+    cfg = config_from_dict(
+        {"data": {"path": "x"}}, ["optim.head_lr=0.1", "schedule.name=StepLR", "schedule.args={step_size: 3}"]
+    )
     again = config_from_dict(yaml.safe_load(dump_config(cfg)))
     assert again == cfg
 
@@ -75,7 +87,14 @@ def test_dump_round_trips():
 def test_reference_covers_every_key():
     rows = reference_rows()
     keys = {k for k, _, _ in rows}
-    assert {"output_dir", "data.path", "train.batch_size", "optim.head_lr", "checkpoint.resume", "log.report_to"} <= keys
+    assert {
+        "output_dir",
+        "data.path",
+        "train.batch_size",
+        "optim.head_lr",
+        "checkpoint.resume",
+        "log.report_to",
+    } <= keys
     assert all(doc for _, _, doc in rows), [k for k, _, d in rows if not d]
 
 

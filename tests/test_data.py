@@ -4,16 +4,18 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from datagen import make_image_folder
 from PIL import Image
 
-from datagen import make_image_folder
 from ddp_finetune.config import config_from_dict
 from ddp_finetune.data import EpochSampler, build_datasets, build_loaders, load_splits
 from ddp_finetune.errors import UserError
 
 
 def _cfg(path, *overrides, source="imagefolder"):
-    return config_from_dict({"data": {"path": str(path), "source": source, "image_size": 16}, "train": {"batch_size": 4}}, list(overrides))
+    return config_from_dict(
+        {"data": {"path": str(path), "source": source, "image_size": 16}, "train": {"batch_size": 4}}, list(overrides)
+    )
 
 
 def test_image_folder_with_seeded_val_fraction(image_folder):
@@ -45,7 +47,10 @@ def test_grayscale_and_rgba_become_rgb_tensors(tmp_path):
 def test_saved_dataset_with_string_labels(tmp_path):
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)) for _ in range(10)]
-    ds = datasets.Dataset.from_dict({"img": images, "kind": ["b", "a"] * 5}, features=datasets.Features({"img": datasets.Image(), "kind": datasets.Value("string")}))
+    ds = datasets.Dataset.from_dict(
+        {"img": images, "kind": ["b", "a"] * 5},
+        features=datasets.Features({"img": datasets.Image(), "kind": datasets.Value("string")}),
+    )
     datasets.DatasetDict({"train": ds, "test": ds.select(range(4))}).save_to_disk(str(tmp_path / "saved"))
     cfg = _cfg(tmp_path / "saved", "data.image_column=img", "data.label_column=kind", source="disk")
     splits = load_splits(cfg.data, 0)

@@ -5,7 +5,6 @@ data order and augmentation are rank-independent by construction, so augmentatio
 """
 
 import pytest
-
 from helpers import fit_in_process, launch_2proc, load_weights, max_abs_diff, read_metrics, read_summary, tiny_config
 
 pytestmark = pytest.mark.slow
@@ -14,7 +13,10 @@ pytestmark = pytest.mark.slow
 def test_one_and_two_processes_train_the_same_model(tmp_path, image_folder):
     # 24 images: 19 train / 5 val with val_fraction 0.2; eval batch 4 leaves a last batch of 1,
     # which Accelerate pads to 2 for 2 ranks: gather_for_metrics must drop the duplicate
-    sections = dict(data={"augment": True, "val_fraction": 0.2}, train={"epochs": 2, "batch_size": 6, "eval_batch_size": 4, "grad_accum": 1})
+    sections = dict(
+        data={"augment": True, "val_fraction": 0.2},
+        train={"epochs": 2, "batch_size": 6, "eval_batch_size": 4, "grad_accum": 1},
+    )
     one = tiny_config(tmp_path / "one", image_folder, **sections)
     two = tiny_config(tmp_path / "two", image_folder, **sections)
     fit_in_process(one)

@@ -37,7 +37,17 @@ IGNORE = {"binary": -1, "multilabel": -1, "multiclass": 255}
 
 # --------------------------------------------------------------------------- data
 
-def make(mode: str, seg: bool = True, seed: int = 0, n: int = 3, size: int = 4, ignore=None, dtype=torch.float32, channel=True):
+
+def make(
+    mode: str,
+    seg: bool = True,
+    seed: int = 0,
+    n: int = 3,
+    size: int = 4,
+    ignore=None,
+    dtype=torch.float32,
+    channel=True,
+):
     """Random logits and targets for a mode: (N, C, H, W) masks or (N, C) classification.
 
     binary uses soft targets (some hard); `channel=False` drops the binary target's channel dim.
@@ -63,6 +73,7 @@ def make(mode: str, seg: bool = True, seed: int = 0, n: int = 3, size: int = 4, 
 
 # --------------------------------------------------------------------------- references
 
+
 def _layout(mode, logits, targets):
     x = logits.detach().double()
     n = x.shape[0]
@@ -74,7 +85,9 @@ def _layout(mode, logits, targets):
     return x, targets.reshape(n, -1)
 
 
-def ref_region(name, mode, logits, targets, smooth=1.0, alpha=0.5, beta=0.5, per_image=False, class_weights=None, ignore_index=None):
+def ref_region(
+    name, mode, logits, targets, smooth=1.0, alpha=0.5, beta=0.5, per_image=False, class_weights=None, ignore_index=None
+):
     """Dice / IoU / Tversky from the definitions: a loop over classes and (per_image) images."""
     x, t = _layout(mode, logits, targets)
     n, c = x.shape[:2]
@@ -172,7 +185,12 @@ VALUE_CASES += [
     ("focal", "multilabel", {"alpha": 0.5, "gamma": 3.0}, False),
     ("focal", "multiclass", {"gamma": 1.0, "class_weights": [0.25, 1.0, 2.0], "ignore_index": 255}, True),
     ("cross_entropy", "multiclass", {"label_smoothing": 0.1}, False),
-    ("cross_entropy", "multiclass", {"label_smoothing": 0.2, "class_weights": [1.0, 2.0, 3.0], "ignore_index": 255}, True),
+    (
+        "cross_entropy",
+        "multiclass",
+        {"label_smoothing": 0.2, "class_weights": [1.0, 2.0, 3.0], "ignore_index": 255},
+        True,
+    ),
     ("cross_entropy", "multiclass", {"class_weights": [0.5, 1.0, 4.0]}, False),
     ("cross_entropy", "binary", {"label_smoothing": 0.1, "ignore_index": -1}, True),
     ("cross_entropy", "multilabel", {"label_smoothing": 0.3, "class_weights": [1.0, 0.5, 2.0]}, False),
@@ -200,7 +218,9 @@ def test_binary_accepts_every_documented_shape(name, layout):
 def test_focal_is_torchvision_sigmoid_focal_loss_directly():
     x, t = make("multilabel", seg=True, seed=3)
     for alpha, gamma in [(0.25, 2.0), (0.9, 1.0), (None, 2.0)]:
-        want = torchvision.ops.sigmoid_focal_loss(x, t, alpha=-1 if alpha is None else alpha, gamma=gamma, reduction="mean")
+        want = torchvision.ops.sigmoid_focal_loss(
+            x, t, alpha=-1 if alpha is None else alpha, gamma=gamma, reduction="mean"
+        )
         torch.testing.assert_close(L.focal_loss(x, t, "multilabel", alpha=alpha, gamma=gamma), want)
 
 
@@ -247,7 +267,9 @@ GRAD_CASES = [(name, mode, {}) for name, mode in ALL] + [
 
 @pytest.mark.parametrize("name,mode,opts", GRAD_CASES, ids=lambda v: str(v).replace(" ", ""))
 def test_gradcheck_float64(name, mode, opts):
-    x, t = make(mode, seg=True, n=2, size=3, dtype=torch.float64, ignore=IGNORE[mode] if "ignore_index" in opts else None)
+    x, t = make(
+        mode, seg=True, n=2, size=3, dtype=torch.float64, ignore=IGNORE[mode] if "ignore_index" in opts else None
+    )
     if mode != "multiclass":
         t = t.double()
     x.requires_grad_(True)
@@ -255,6 +277,7 @@ def test_gradcheck_float64(name, mode, opts):
 
 
 # --------------------------------------------------------------------------- edge cases
+
 
 def _hard(mode, seed=0):
     x, t = make(mode, seed=seed)
@@ -413,12 +436,26 @@ def test_bad_input_raises_user_error_naming_loss_and_shapes(name, mode, shape, t
     "call,fragment",
     [
         (lambda: L.dice_loss(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), "softmax"), "not one of"),
-        (lambda: L.dice_loss(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, dtype=torch.long), "multiclass"), "floating-point"),
+        (
+            lambda: L.dice_loss(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, dtype=torch.long), "multiclass"),
+            "floating-point",
+        ),
         (lambda: L.dice_loss(torch.zeros(2, 3), [0, 1], "multiclass"), "must be tensors"),
-        (lambda: L.dice_loss(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), "multiclass", class_weights=[1, 2]), "one weight per class"),
-        (lambda: L.cross_entropy_loss(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), class_weights=[1, -1, 2]), ">= 0"),
+        (
+            lambda: L.dice_loss(
+                torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), "multiclass", class_weights=[1, 2]
+            ),
+            "one weight per class",
+        ),
+        (
+            lambda: L.cross_entropy_loss(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), class_weights=[1, -1, 2]),
+            ">= 0",
+        ),
         (lambda: L.dice_loss(torch.zeros(2, 1), torch.zeros(2, 1), smooth=-1.0), "smooth=-1.0"),
-        (lambda: L.cross_entropy_loss(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), label_smoothing=1.0), "label_smoothing"),
+        (
+            lambda: L.cross_entropy_loss(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), label_smoothing=1.0),
+            "label_smoothing",
+        ),
         (lambda: L.focal_loss(torch.zeros(2, 1), torch.zeros(2, 1), alpha=1.5), "alpha=1.5"),
         (lambda: L.focal_loss(torch.zeros(2, 1), torch.zeros(2, 1), gamma=-1.0), "gamma"),
         (lambda: L.focal_loss(torch.zeros(2, 3), torch.zeros(2, 3), "multilabel", class_weights=[1, 1, 1]), "alpha"),
@@ -440,8 +477,11 @@ def test_ignore_index_makes_an_out_of_range_value_legal():
 
 # --------------------------------------------------------------------------- build_loss
 
+
 @pytest.mark.parametrize("name", list(FUNCTIONS))
-@pytest.mark.parametrize("task,mode", [("classification", "multiclass"), ("binary", "binary"), ("multilabel", "multilabel")])
+@pytest.mark.parametrize(
+    "task,mode", [("classification", "multiclass"), ("binary", "binary"), ("multilabel", "multilabel")]
+)
 def test_build_loss_builtin_uses_the_config(name, task, mode):
     cfg = LossConfig(name=name, smooth=0.5, gamma=1.5, alpha=0.3, beta=0.6, sync=False)
     if name == "cross_entropy":
@@ -449,8 +489,11 @@ def test_build_loss_builtin_uses_the_config(name, task, mode):
     fn = L.build_loss(cfg, task, num_classes=3)
     assert isinstance(fn, MODULES[name]) and fn.mode == mode
     x, t = make(mode, seg=False, seed=11)
-    opts = {"cross_entropy": {"label_smoothing": 0.1}, "focal": {"alpha": 0.3, "gamma": 1.5},
-            "tversky": {"alpha": 0.3, "beta": 0.6, "smooth": 0.5}}.get(name, {"smooth": 0.5})
+    opts = {
+        "cross_entropy": {"label_smoothing": 0.1},
+        "focal": {"alpha": 0.3, "gamma": 1.5},
+        "tversky": {"alpha": 0.3, "beta": 0.6, "smooth": 0.5},
+    }.get(name, {"smooth": 0.5})
     assert_close(fn(x, t), reference(name, mode, x, t, **opts))
 
 
@@ -498,7 +541,9 @@ def test_user_loss_function_by_import_path():
 def test_user_loss_class_by_import_path():
     import helpers_userloss
 
-    fn = L.build_loss(LossConfig(name="helpers_userloss:ScaledCrossEntropy", args={"scale": 3.0}), "classification", num_classes=3)
+    fn = L.build_loss(
+        LossConfig(name="helpers_userloss:ScaledCrossEntropy", args={"scale": 3.0}), "classification", num_classes=3
+    )
     assert isinstance(fn, helpers_userloss.ScaledCrossEntropy) and fn.scale == 3.0
     x, t = make("multiclass", seg=False)
     torch.testing.assert_close(fn(x, t), 3.0 * F.cross_entropy(x, t))
@@ -512,6 +557,7 @@ def test_user_loss_from_an_installed_package():
 
 # --------------------------------------------------------------------------- 2 processes
 
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -524,8 +570,21 @@ def two_rank_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("losses_2proc") / "report.json"
     launcher = shutil.which("accelerate")
     cmd = [launcher, "launch"] if launcher else [sys.executable, "-m", "accelerate.commands.launch"]
-    cmd += ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-            "--dynamo_backend", "no", "--main_process_port", str(_free_port()), str(SCRIPT), str(out)]
+    cmd += [
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        str(SCRIPT),
+        str(out),
+    ]
     path = [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     # CUDA hidden: 2 ranks on CPU/gloo even on a 1-GPU machine, where they would share a device
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(path), "CUDA_VISIBLE_DEVICES": ""}
@@ -543,7 +602,9 @@ def test_two_ranks_equal_one_rank_for_every_loss_and_mode(two_rank_report):
     # float64 shows the logic is exact; float32 only adds the rounding of a different sum order
     tolerance = {"float64": 1e-6, "float32": 1e-5}
     assert {r["dtype"] for r in results} == set(tolerance)
-    bad = [r for r in results if not (r["loss_rel"] <= tolerance[r["dtype"]] and r["grad_rel"] <= tolerance[r["dtype"]])]
+    bad = [
+        r for r in results if not (r["loss_rel"] <= tolerance[r["dtype"]] and r["grad_rel"] <= tolerance[r["dtype"]])
+    ]
     assert not bad, json.dumps(bad, indent=1)
     assert all(r["ref_grad_max"] > 1e-4 and r["ref_loss"] > 1e-3 for r in results)  # the comparisons are not 0 == 0
 

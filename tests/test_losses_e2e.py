@@ -12,10 +12,19 @@ import os
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from datagen import make_image_folder
-from helpers import ROOT, fit_in_process, launch_2proc, load_weights, max_abs_diff, read_metrics, read_summary, run_cli, tiny_config
+from helpers import (
+    ROOT,
+    fit_in_process,
+    launch_2proc,
+    load_weights,
+    max_abs_diff,
+    read_metrics,
+    read_summary,
+    run_cli,
+    tiny_config,
+)
+from PIL import Image
 
 TESTS = ROOT / "tests"
 LABELS = ("red", "green", "blue")
@@ -35,7 +44,9 @@ def make_multilabel_disk(root, n=32, size=16, seed=0):
         pixels = np.clip(centre + rng.normal(0, 30, size=(size, size, 3)), 0, 255).astype(np.uint8)
         images.append(Image.fromarray(pixels, "RGB"))
         labels.append(present)
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.Sequence(datasets.ClassLabel(names=list(LABELS)))})
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.Sequence(datasets.ClassLabel(names=list(LABELS)))}
+    )
     datasets.Dataset.from_dict({"image": images, "label": labels}, features=features).save_to_disk(str(root))
     return root
 
@@ -69,14 +80,20 @@ def first_train_loss(run_dir) -> float:
 
 # --------------------------------------------------------------------------- multilabel Dice
 
+
 @pytest.fixture(scope="module")
 def dice_config(tmp_path_factory):
     base = tmp_path_factory.mktemp("dice")
     data = make_multilabel_disk(base / "multilabel")
     # freeze_bn + no augmentation: the same training at 1 and 2 processes (PITFALLS 3)
     return tiny_config(
-        base, data, task="multilabel", data={"source": "disk", "augment": False}, model={"freeze_bn": True},
-        loss={"name": "dice"}, train={"epochs": 3, "batch_size": 8},
+        base,
+        data,
+        task="multilabel",
+        data={"source": "disk", "augment": False},
+        model={"freeze_bn": True},
+        loss={"name": "dice"},
+        train={"epochs": 3, "batch_size": 8},
     )
 
 
@@ -123,15 +140,20 @@ def test_dice_on_two_processes_equals_one(dice_config, dice_run, tmp_path):
 
 # --------------------------------------------------------------------------- binary focal
 
+
 @pytest.fixture(scope="module")
 def two_classes(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp("binary") / "images", classes=("cat", "dog"), per_class=12, size=16)
+    return make_image_folder(
+        tmp_path_factory.mktemp("binary") / "images", classes=("cat", "dog"), per_class=12, size=16
+    )
 
 
 def test_binary_focal_trains(tmp_path, two_classes):
     from torchvision.ops import sigmoid_focal_loss
 
-    config = tiny_config(tmp_path, two_classes, task="binary", loss={"name": "focal"}, train={"epochs": 3}, optim={"lr": 0.05})
+    config = tiny_config(
+        tmp_path, two_classes, task="binary", loss={"name": "focal"}, train={"epochs": 3}, optim={"lr": 0.05}
+    )
     summary = fit_in_process(config)
     run = tmp_path / "run"
     assert summary["steps"] == 9 and {"loss", "accuracy"} <= set(summary["val"])
@@ -142,29 +164,43 @@ def test_binary_focal_trains(tmp_path, two_classes):
     logits, targets, _ = val_outputs(config, run)
     assert logits.shape == targets.shape == (6, 1) and set(targets.reshape(-1).tolist()) == {0.0, 1.0}
     logits, targets = logits.reshape(-1), targets.reshape(-1)
-    assert summary["val"]["loss"] == pytest.approx(sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0, reduction="mean").item(), abs=1e-6)
+    assert summary["val"]["loss"] == pytest.approx(
+        sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0, reduction="mean").item(), abs=1e-6
+    )
     assert summary["val"]["accuracy"] == pytest.approx(((logits > 0).float() == targets).float().mean().item())
 
 
 # --------------------------------------------------------------------------- user losses
 
+
 def test_user_loss_function_by_import_path(tmp_path, two_classes):
     """`package.module:function` called with loss.args: step 1 (same init, same batch) is
     3 x the built-in binary cross-entropy."""
-    builtin = tiny_config(tmp_path / "builtin", two_classes, task="binary", loss={"name": "cross_entropy"}, train={"max_steps": 1})
+    builtin = tiny_config(
+        tmp_path / "builtin", two_classes, task="binary", loss={"name": "cross_entropy"}, train={"max_steps": 1}
+    )
     user = tiny_config(
-        tmp_path / "user", two_classes, task="binary", loss={"name": "helpers_userloss:scaled_bce", "args": {"scale": 3.0}}, train={"max_steps": 1}
+        tmp_path / "user",
+        two_classes,
+        task="binary",
+        loss={"name": "helpers_userloss:scaled_bce", "args": {"scale": 3.0}},
+        train={"max_steps": 1},
     )
     fit_in_process(builtin)
     fit_in_process(user)
-    assert first_train_loss(tmp_path / "user" / "run") == pytest.approx(3 * first_train_loss(tmp_path / "builtin" / "run"), rel=1e-6)
+    assert first_train_loss(tmp_path / "user" / "run") == pytest.approx(
+        3 * first_train_loss(tmp_path / "builtin" / "run"), rel=1e-6
+    )
 
 
 def test_user_loss_class_in_a_child_process(tmp_path, image_folder, monkeypatch):
     """`package.module:Class` imported by a fresh `ddp-finetune train` process from PYTHONPATH."""
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])))
     config = tiny_config(
-        tmp_path, image_folder, loss={"name": "helpers_userloss:ScaledCrossEntropy", "args": {"scale": 2.0}}, train={"epochs": 1}
+        tmp_path,
+        image_folder,
+        loss={"name": "helpers_userloss:ScaledCrossEntropy", "args": {"scale": 2.0}},
+        train={"epochs": 1},
     )
     proc = run_cli("train", config)
     assert "done: 3 steps" in proc.stdout

@@ -12,10 +12,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from datagen import make_image_folder
-from helpers import fit_in_process, launch_2proc, load_weights, max_abs_diff, read_metrics, read_summary, run_cli, tiny_config
+from helpers import (
+    fit_in_process,
+    launch_2proc,
+    load_weights,
+    max_abs_diff,
+    read_metrics,
+    read_summary,
+    run_cli,
+    tiny_config,
+)
+from safetensors.torch import load_file
 
 STEPS_PER_EPOCH = 3
 _UNFREEZE = dict(
@@ -30,6 +38,7 @@ HEAD = ("fc.weight", "fc.bias")
 
 
 # --------------------------------------------------------------------------- helpers
+
 
 def initial_weights(config_path) -> dict:
     """The weights a run starts from: `train.setup` seeds, then builds the model."""
@@ -73,6 +82,7 @@ def checkpoint_weights(run_dir, step: int) -> dict:
 
 # --------------------------------------------------------------------------- the reference runs
 
+
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("lr_e2e") / "images", per_class=8, size=16)
@@ -104,9 +114,12 @@ def two_proc(unfreeze_config):
 
 # --------------------------------------------------------------------------- freezing
 
+
 def test_frozen_backbone_stays_bit_identical(tmp_path, image_folder):
     # weight decay and momentum would move any backbone parameter the optimizer touched
-    config = tiny_config(tmp_path, image_folder, model={"freeze_backbone": True}, optim={"weight_decay": 0.01}, train={"epochs": 1})
+    config = tiny_config(
+        tmp_path, image_folder, model={"freeze_backbone": True}, optim={"weight_decay": 0.01}, train={"epochs": 1}
+    )
     summary = fit_in_process(config)
     assert summary["steps"] == STEPS_PER_EPOCH
     init, final = initial_weights(config), load_weights(tmp_path / "run")
@@ -132,7 +145,9 @@ def test_two_processes_train_and_log_like_one(unfreeze_config, one_proc, two_pro
     for kind in ("plain", "accum"):
         p1, p2 = one_proc[kind], two_proc[kind]
         assert read_summary(p2)["world_size"] == 2 and read_summary(p2)["steps"] == 2 * STEPS_PER_EPOCH
-        assert backbone_equal(init, checkpoint_weights(p2, STEPS_PER_EPOCH)), f"{kind}: backbone moved while frozen on 2 ranks"
+        assert backbone_equal(init, checkpoint_weights(p2, STEPS_PER_EPOCH)), (
+            f"{kind}: backbone moved while frozen on 2 ranks"
+        )
         assert max_abs_diff(load_weights(p1), load_weights(p2)) <= 1e-5, kind
         # the schedule advances once per optimizer step: never per micro-batch, never per rank
         assert logged_lrs(p1) == logged_lrs(p2) == expected, kind
@@ -153,6 +168,7 @@ def test_resume_in_the_middle_of_the_frozen_epoch(unfreeze_config, one_proc, tmp
 
 
 # --------------------------------------------------------------------------- skipped steps
+
 
 def _skip_optimizer_steps(monkeypatch, skip: set[int]) -> list[int]:
     """Make Accelerate's optimizer behave as under fp16 loss scaling on overflow at the chosen
@@ -228,6 +244,7 @@ def test_fp16_overflow_skips_the_step_and_not_the_schedule(tmp_path, image_folde
 
 # --------------------------------------------------------------------------- lr plot
 
+
 def test_lr_plot_command_draws_what_training_logs(unfreeze_config, one_proc, tmp_path):
     png = tmp_path / "plots" / "lr.png"
     proc = run_cli("lr-plot", unfreeze_config, "--out", png)
@@ -252,11 +269,23 @@ _BAD = [
     ("optim.layer_decay=1.5", "optim.layer_decay=1.5"),
     ("optim.layer_decay=0", "optim.layer_decay=0"),
 ]
-_BAD_IDS = ["unknown-scheduler", "wrong-scheduler-args", "unfreeze-after-last-epoch", "negative-lr", "layer-decay-above-1", "layer-decay-0"]
+_BAD_IDS = [
+    "unknown-scheduler",
+    "wrong-scheduler-args",
+    "unfreeze-after-last-epoch",
+    "negative-lr",
+    "layer-decay-above-1",
+    "layer-decay-0",
+]
 
 
 def _bad_config(tmp_path, image_folder):
-    return tiny_config(tmp_path, image_folder, model={"freeze_backbone": True, "unfreeze_at_epoch": 1}, schedule={"name": "CosineAnnealingLR"})
+    return tiny_config(
+        tmp_path,
+        image_folder,
+        model={"freeze_backbone": True, "unfreeze_at_epoch": 1},
+        schedule={"name": "CosineAnnealingLR"},
+    )
 
 
 def _one_error_line(code: int, err: str, named: str) -> None:

@@ -38,7 +38,9 @@ def test_family_head_swap_and_one_training_step(name):
     x, y = torch.randn(2, 3, side, side), torch.tensor([1, 6])
     logits, aux = split_outputs(model(x))
     assert logits.shape == (2, 7)
-    loss = torch.nn.functional.cross_entropy(logits, y) + sum(0.3 * torch.nn.functional.cross_entropy(a, y) for a in aux)
+    loss = torch.nn.functional.cross_entropy(logits, y) + sum(
+        0.3 * torch.nn.functional.cross_entropy(a, y) for a in aux
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     head = model.get_submodule(expected_heads[0]).weight
     before = head.detach().clone()

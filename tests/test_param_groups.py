@@ -1,6 +1,6 @@
 """Parameter groups: partition, lrs, weight decay, layer decay, freezing.
 
-    python -m pytest tests/test_param_groups.py -q
+python -m pytest tests/test_param_groups.py -q
 """
 
 import warnings
@@ -77,6 +77,7 @@ def names_by_group(model, groups) -> dict[str, list[str]]:
 
 # --------------------------------------------------------------------------- partition
 
+
 @pytest.mark.parametrize("name", sorted(HEADS))
 @pytest.mark.parametrize("layer_decay", [None, 0.8])
 def test_groups_partition_all_parameters(name, layer_decay):
@@ -142,6 +143,7 @@ def test_vit_blocks_stem_layers_final_norm():
 
 
 # --------------------------------------------------------------------------- lrs and decay
+
 
 def test_head_lr_and_layer_decay_per_group():
     model = torchvision.models.resnet18(num_classes=NUM_CLASSES)
@@ -231,12 +233,17 @@ def test_head_prefix_matching_nothing_is_a_user_error():
     # A missing aux head is fine as long as the main head matches (googlenet without aux logits).
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        plain = torchvision.models.googlenet(weights=None, num_classes=NUM_CLASSES, aux_logits=False, init_weights=False)
+        plain = torchvision.models.googlenet(
+            weights=None, num_classes=NUM_CLASSES, aux_logits=False, init_weights=False
+        )
     groups = build_param_groups(plain, HEADS["googlenet"], optim())
-    assert sum(p.numel() for g in groups if g["role"] == "head" for p in g["params"]) == 1024 * NUM_CLASSES + NUM_CLASSES
+    assert (
+        sum(p.numel() for g in groups if g["role"] == "head" for p in g["params"]) == 1024 * NUM_CLASSES + NUM_CLASSES
+    )
 
 
 # --------------------------------------------------------------------------- freezing
+
 
 def test_backbone_frozen_by_epoch():
     assert not backbone_frozen(0, ModelConfig(freeze_backbone=False))
@@ -249,7 +256,15 @@ def test_backbone_frozen_by_epoch():
 
 def _tiny_cnn() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.1), nn.Linear(4, 3))
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Dropout(0.1),
+        nn.Linear(4, 3),
+    )
 
 
 @pytest.mark.parametrize("opt_name", ["sgd", "adamw"])

@@ -139,8 +139,14 @@ def test_sigterm_mid_training_checkpoints_and_resumes_to_the_same_weights(setup_
     assert (out / "checkpoints" / f"step_{step}").is_dir()
     assert not (out / "summary.json").exists()
 
-    again = subprocess.run(train_cmd(config, out, "checkpoint.resume=auto"), cwd=REPO, env=child_env(),
-                           capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        train_cmd(config, out, "checkpoint.resume=auto"),
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == TOTAL_STEPS
@@ -155,22 +161,40 @@ def test_preempted_again_right_after_resuming_loses_nothing(setup_root, tmp_path
     """Stop, resume into a second stop request (already pending at start), resume again."""
     config = make_setup(setup_root)
     out = tmp_path / "run"
-    first = subprocess.run(train_cmd(config, out, "train.max_steps=3", "checkpoint.every_n_steps=3"), cwd=REPO,
-                           env=child_env(), capture_output=True, text=True, timeout=300)
+    first = subprocess.run(
+        train_cmd(config, out, "train.max_steps=3", "checkpoint.every_n_steps=3"),
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert first.returncode == 0, first.stderr[-2000:]
     (out / "summary.json").unlink()  # as if the job had been stopped at step 3
     (out / "final" / "model.safetensors").unlink()
 
     (out / STOP_FILE).touch()  # the next preemption notice arrives while the job restarts
-    second = subprocess.run(train_cmd(config, out, "checkpoint.resume=auto"), cwd=REPO, env=child_env(),
-                            capture_output=True, text=True, timeout=300)
+    second = subprocess.run(
+        train_cmd(config, out, "checkpoint.resume=auto"),
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert second.returncode == EXIT_PREEMPTED, second.stdout[-2000:] + second.stderr[-2000:]
     step = json.loads((out / PREEMPTED_FILE).read_text())["step"]
     assert step == 4, "the resumed run stops at its first step boundary"
     assert not (out / STOP_FILE).exists(), "an honoured stop request is cleared"
 
-    third = subprocess.run(train_cmd(config, out, "checkpoint.resume=auto"), cwd=REPO, env=child_env(),
-                           capture_output=True, text=True, timeout=300)
+    third = subprocess.run(
+        train_cmd(config, out, "checkpoint.resume=auto"),
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert third.returncode == 0, third.stdout[-2000:] + third.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["resumed_from"].endswith("step_4") and summary["steps"] == TOTAL_STEPS

@@ -1,6 +1,6 @@
 """Schedules per optimizer step: warmup, step_decay, torch schedulers by name, resume, lr plot.
 
-    python -m pytest tests/test_schedules.py -q
+python -m pytest tests/test_schedules.py -q
 """
 
 import io
@@ -12,7 +12,7 @@ import torch
 import torchvision
 from torch import nn
 
-from ddp_finetune.config import config_from_dict, ScheduleConfig, OptimConfig
+from ddp_finetune.config import OptimConfig, ScheduleConfig, config_from_dict
 from ddp_finetune.errors import UserError
 from ddp_finetune.lr_plot import lr_plot_command, plot_lrs, plot_schedule, simulate_lrs
 from ddp_finetune.param_groups import build_param_groups, lr_log, make_optimizer
@@ -53,6 +53,7 @@ def ratio_kept(lrs: list[float]) -> bool:
 
 # --------------------------------------------------------------------------- closed forms
 
+
 def test_constant_is_the_base_lr_of_each_group():
     optimizer = make_optimizer_groups()
     schedule = build_schedule(sched(name="constant"), optimizer, 3, 2)
@@ -76,7 +77,9 @@ def test_step_decay_equals_torch_steplr_step_by_step():
 @pytest.mark.parametrize("interval", ["step", "epoch"])
 def test_step_decay_counts_epochs_after_warmup(interval):
     optimizer = make_optimizer_groups()
-    schedule = build_schedule(sched(name="step_decay", every=1, gamma=0.1, warmup_steps=2, interval=interval), optimizer, 4, 3)
+    schedule = build_schedule(
+        sched(name="step_decay", every=1, gamma=0.1, warmup_steps=2, interval=interval), optimizer, 4, 3
+    )
     seen = [lrs[0] for lrs in run(schedule, optimizer, 12, 4)]
     expected = [BACKBONE_LR * r for r in (1 / 3, 2 / 3, 1, 1, 1, 1, 0.1, 0.1, 0.1, 0.1, 0.01, 0.01)]
     assert seen == pytest.approx(expected, rel=1e-12)
@@ -85,7 +88,9 @@ def test_step_decay_counts_epochs_after_warmup(interval):
 def test_warmup_then_cosine_matches_closed_form():
     spe, epochs, warmup, eta_min = 4, 5, 3, 1e-4
     optimizer = make_optimizer_groups()
-    schedule = build_schedule(sched(name="CosineAnnealingLR", warmup_steps=warmup, args={"eta_min": eta_min}), optimizer, spe, epochs)
+    schedule = build_schedule(
+        sched(name="CosineAnnealingLR", warmup_steps=warmup, args={"eta_min": eta_min}), optimizer, spe, epochs
+    )
     assert schedule.resolved_args["T_max"] == spe * epochs - warmup  # the default length
     t_max = spe * epochs - warmup
     for s, lrs in enumerate(run(schedule, optimizer, spe * epochs, spe)):
@@ -129,6 +134,7 @@ def test_warmup_ramps_to_onecycle_start_and_keeps_ratios():
 
 
 # --------------------------------------------------------------------------- ReduceLROnPlateau
+
 
 def test_reduce_on_plateau_reacts_to_the_validation_metric():
     optimizer = make_optimizer_groups()
@@ -196,7 +202,9 @@ def test_the_args_table_covers_every_torch_scheduler():
 def test_every_torch_scheduler_builds_and_runs_the_whole_run(name, interval):
     spe, epochs = 3, 6
     optimizer = make_optimizer_groups()
-    schedule = build_schedule(sched(name=name, interval=interval, warmup_steps=2, args=ARGS[name]), optimizer, spe, epochs)
+    schedule = build_schedule(
+        sched(name=name, interval=interval, warmup_steps=2, args=ARGS[name]), optimizer, spe, epochs
+    )
     assert name in schedule.describe() and "18 steps" in schedule.describe()
     seen = run(schedule, optimizer, spe * epochs, spe, metrics=lambda epoch: 1.0)  # a flat metric: plateau drops
     assert all(math.isfinite(lr) and lr >= 0 for lrs in seen for lr in lrs)
@@ -215,6 +223,7 @@ def test_adamw_with_onecycle_cycles_betas():
 
 
 # --------------------------------------------------------------------------- resume
+
 
 def _roundtrip(obj: dict) -> dict:
     buf = io.BytesIO()
@@ -273,6 +282,7 @@ def test_resume_with_another_schedule_is_a_user_error():
 
 # --------------------------------------------------------------------------- bad input
 
+
 @pytest.mark.parametrize(
     "cfg, match",
     [
@@ -297,6 +307,7 @@ def test_names_are_case_insensitive_and_steps_per_epoch_must_be_positive():
 
 
 # --------------------------------------------------------------------------- lr plot
+
 
 def _plot_config(**schedule):
     return config_from_dict(

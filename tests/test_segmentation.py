@@ -18,16 +18,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from datagen import make_mask_disk, make_mask_folder
+from helpers import fit_in_process, launch_2proc, load_weights, max_abs_diff, read_metrics, read_summary, tiny_config
 from PIL import Image
 
-from datagen import make_mask_disk, make_mask_folder
 from ddp_finetune.config import ModelConfig, OptimConfig, config_from_dict, load_config
 from ddp_finetune.data import build_datasets, infer_num_classes, load_splits
 from ddp_finetune.errors import UserError
 from ddp_finetune.metrics import confusion_matrices, segmentation_metrics, segmentation_sample_stats
-from ddp_finetune.models import build_model, cached_weights_path, head_layers, head_prefixes, resolve_enum, split_outputs
+from ddp_finetune.models import (
+    build_model,
+    cached_weights_path,
+    head_layers,
+    head_prefixes,
+    resolve_enum,
+    split_outputs,
+)
 from ddp_finetune.param_groups import backbone_blocks, build_param_groups
-from helpers import fit_in_process, launch_2proc, load_weights, max_abs_diff, read_metrics, read_summary, tiny_config
 
 LRASPP = "lraspp_mobilenet_v3_large"
 COLOURS = torch.tensor([(40, 40, 40), (230, 220, 60), (60, 120, 230)], dtype=torch.float32)  # datagen's classes
@@ -45,13 +52,18 @@ def mask_disk(tmp_path_factory):
 
 
 def seg_cfg(path, *overrides, source="imagefolder"):
-    values = {"task": "segmentation", "data": {"path": str(path), "source": source, "image_size": 32, "val_fraction": 0.25}}
+    values = {
+        "task": "segmentation",
+        "data": {"path": str(path), "source": source, "image_size": 32, "val_fraction": 0.25},
+    }
     return config_from_dict(values, list(overrides))
 
 
 def seg_config_file(tmp_path, data_path, data=None, model=None, **sections):
     return tiny_config(
-        tmp_path, data_path, task="segmentation",
+        tmp_path,
+        data_path,
+        task="segmentation",
         data={"image_size": 32, "augment": True, **(data or {})},
         model={"name": LRASPP, "freeze_bn": True, **(model or {})},
         **sections,
@@ -69,6 +81,7 @@ def one_line_error(fn, *match):
 
 
 # --------------------------------------------------------------------------- metrics
+
 
 def test_confusion_and_metrics_against_hand_computed_values():
     # sample 0 (valid pixels: (t, p) = (0,0) (0,1) (1,1) (2,2) (1,2); 255 ignored; 7 out of range)
@@ -120,6 +133,7 @@ def test_sample_stats_cross_entropy_sum_and_count():
 
 # --------------------------------------------------------------------------- data
 
+
 def test_folder_layout_masks_matched_by_stem(mask_folder):
     cfg = seg_cfg(mask_folder)
     splits = load_splits(cfg.data, 0, "segmentation")
@@ -149,12 +163,21 @@ def test_split_folders_and_saved_dataset(tmp_path, mask_disk):
     cfg = seg_cfg(mask_disk, "loss.ignore_index=255", source="disk")
     splits = load_splits(cfg.data, 0, "segmentation")
     assert (len(splits.train), len(splits.val)) == (18, 6)
-    assert infer_num_classes(cfg, splits) == (3, "the training masks' largest value + 1, ignoring loss.ignore_index=255")
-    assert infer_num_classes(seg_cfg(mask_disk, "data.class_names=[bg, square, disc, other]", source="disk"), splits)[0] == 4
+    assert infer_num_classes(cfg, splits) == (
+        3,
+        "the training masks' largest value + 1, ignoring loss.ignore_index=255",
+    )
+    assert (
+        infer_num_classes(seg_cfg(mask_disk, "data.class_names=[bg, square, disc, other]", source="disk"), splits)[0]
+        == 4
+    )
     assert infer_num_classes(seg_cfg(mask_disk, "model.num_classes=5", source="disk"), splits)[0] == 5
     # 255 without ignore_index: the VOC convention is named, not 256 classes
-    one_line_error(lambda: infer_num_classes(seg_cfg(mask_disk, source="disk"), load_splits(cfg.data, 0, "segmentation")),
-                   "255", "loss.ignore_index=255")
+    one_line_error(
+        lambda: infer_num_classes(seg_cfg(mask_disk, source="disk"), load_splits(cfg.data, 0, "segmentation")),
+        "255",
+        "loss.ignore_index=255",
+    )
 
 
 def test_joint_augmentation_moves_image_and_mask_together(mask_folder):
@@ -189,10 +212,17 @@ def test_bad_data_is_a_one_line_error(tmp_path, mask_folder, mask_disk):
     broken = tmp_path / "broken"
     shutil.copytree(mask_folder, broken)
     (broken / "masks" / "005.png").unlink()
-    one_line_error(lambda: load_splits(seg_cfg(broken).data, 0, "segmentation"), str(broken / "masks" / "005.png"), "005.jpg")
-    one_line_error(lambda: load_splits(seg_cfg(tmp_path / "nowhere").data, 0, "segmentation"), "does not exist", "images/")
-    one_line_error(lambda: load_splits(seg_cfg(mask_disk, "data.mask_column=segmentation", source="disk").data, 0, "segmentation"),
-                   "data.mask_column='segmentation' is not a column", "mask")
+    one_line_error(
+        lambda: load_splits(seg_cfg(broken).data, 0, "segmentation"), str(broken / "masks" / "005.png"), "005.jpg"
+    )
+    one_line_error(
+        lambda: load_splits(seg_cfg(tmp_path / "nowhere").data, 0, "segmentation"), "does not exist", "images/"
+    )
+    one_line_error(
+        lambda: load_splits(seg_cfg(mask_disk, "data.mask_column=segmentation", source="disk").data, 0, "segmentation"),
+        "data.mask_column='segmentation' is not a column",
+        "mask",
+    )
 
     rgb = tmp_path / "rgb"
     shutil.copytree(mask_folder, rgb)
@@ -208,8 +238,11 @@ def test_bad_data_is_a_one_line_error(tmp_path, mask_folder, mask_disk):
 def test_config_checks():
     one_line_error(lambda: config_from_dict({"data": {"path": "x", "class_names": ["a", "b"]}}), "task=segmentation")
     one_line_error(
-        lambda: config_from_dict({"task": "segmentation", "data": {"path": "x", "class_names": ["a", "b"]}, "model": {"num_classes": 3}}),
-        "model.num_classes=3", "2 names",
+        lambda: config_from_dict(
+            {"task": "segmentation", "data": {"path": "x", "class_names": ["a", "b"]}, "model": {"num_classes": 3}}
+        ),
+        "model.num_classes=3",
+        "2 names",
     )
 
 
@@ -254,13 +287,19 @@ def test_family_head_swap_and_one_training_step(name):
 def test_layer_decay_blocks_of_a_segmenter_backbone():
     model, _ = build_model(ModelConfig(name="fcn_resnet50"), 3, "segmentation")
     assert [b for b, _ in backbone_blocks(model, head_prefixes(model))] == [
-        "stem", "backbone.layer1", "backbone.layer2", "backbone.layer3", "backbone.layer4"
+        "stem",
+        "backbone.layer1",
+        "backbone.layer2",
+        "backbone.layer3",
+        "backbone.layer4",
     ]
 
 
 def test_model_kind_must_fit_the_task():
     one_line_error(lambda: build_model(ModelConfig(name=LRASPP), 3, "classification"), LRASPP, "task=segmentation")
-    one_line_error(lambda: build_model(ModelConfig(name="resnet18"), 3, "segmentation"), "resnet18", "classifier", LRASPP)
+    one_line_error(
+        lambda: build_model(ModelConfig(name="resnet18"), 3, "segmentation"), "resnet18", "classifier", LRASPP
+    )
     one_line_error(lambda: build_model(ModelConfig(name="fcn_resnet5"), 3, "segmentation"), "did you mean fcn_resnet50")
     build_model(ModelConfig(name=LRASPP), 3)  # no task given: either kind
 
@@ -280,7 +319,9 @@ def test_enum_weights_from_the_torch_home_cache(tmp_path, monkeypatch, name):
     assert torch.equal(model.backbone["0"][0].weight, reference.backbone["0"][0].weight)
     root = FAMILIES[name][0][0]
     first = next(iter(model.get_submodule(root).parameters()))
-    assert torch.equal(first, next(iter(reference.get_submodule(root).parameters()))), "the pretrained decoder head is kept"
+    assert torch.equal(first, next(iter(reference.get_submodule(root).parameters()))), (
+        "the pretrained decoder head is kept"
+    )
     assert all(model.get_submodule(layer).weight.shape[0] == 3 for layer in FAMILIES[name][1])
     assert report["normalization"]["std"] == [0.229, 0.224, 0.225]
 
@@ -302,8 +343,10 @@ def test_local_weights_keep_the_decoder_and_swap_the_class_convs(tmp_path):
     torch.save(src.state_dict(), tmp_path / "voc.pth")
     model, report = build_model(ModelConfig(name=LRASPP, weights=str(tmp_path / "voc.pth")), 3, "segmentation")
     assert sorted(report["skipped_head_keys"]) == [
-        "classifier.high_classifier.bias", "classifier.high_classifier.weight",
-        "classifier.low_classifier.bias", "classifier.low_classifier.weight",
+        "classifier.high_classifier.bias",
+        "classifier.high_classifier.weight",
+        "classifier.low_classifier.bias",
+        "classifier.low_classifier.weight",
     ]
     assert report["missing_keys"] == [] and report["unexpected_keys"] == []
     assert torch.equal(model.classifier.cbr[0].weight, src.classifier.cbr[0].weight)
@@ -320,13 +363,16 @@ def test_every_builtin_loss_takes_pixel_logits(name):
     logits = torch.randn(2, 3, 8, 8, requires_grad=True)
     targets = torch.randint(0, 3, (2, 8, 8))
     targets[:, 0] = 255
-    loss = build_loss(LossConfig(name=name, ignore_index=255, alpha=0.3 if name == "tversky" else 0.25), "classification", 3)(logits, targets)
+    loss = build_loss(
+        LossConfig(name=name, ignore_index=255, alpha=0.3 if name == "tversky" else 0.25), "classification", 3
+    )(logits, targets)
     loss.backward()
     assert torch.isfinite(loss) and logits.grad[:, :, 1:].abs().sum() > 0
     assert logits.grad[:, :, 0].abs().max() == 0, "ignored pixels get no gradient"
 
 
 # --------------------------------------------------------------------------- training
+
 
 def _val_reference(config_path, run_dir):
     """Pixel cross-entropy and accuracy of the final weights on the run's validation split, here."""
@@ -349,7 +395,9 @@ def _val_reference(config_path, run_dir):
 
 @pytest.mark.slow
 def test_dice_training_end_to_end(tmp_path, mask_folder, capsys):
-    config = seg_config_file(tmp_path, mask_folder, loss={"name": "dice"}, train={"epochs": 2, "batch_size": 4}, optim={"lr": 0.05})
+    config = seg_config_file(
+        tmp_path, mask_folder, loss={"name": "dice"}, train={"epochs": 2, "batch_size": 4}, optim={"lr": 0.05}
+    )
     summary = fit_in_process(config)
     assert "3 classes (from the training masks' largest value + 1)" in capsys.readouterr().out
     run = tmp_path / "run"
@@ -378,8 +426,10 @@ def test_one_and_two_processes_train_the_same_segmenter(tmp_path, mask_disk):
     # 24 images: 19 train / 5 val; eval batch 4 leaves a last batch of 1, padded for 2 ranks;
     # augmentation on (seeded per sample); cross-entropy with the 255 borders ignored
     sections = dict(
-        data={"source": "disk", "val_fraction": 0.2}, loss={"ignore_index": 255},
-        train={"epochs": 2, "batch_size": 4, "eval_batch_size": 4}, optim={"lr": 0.05},
+        data={"source": "disk", "val_fraction": 0.2},
+        loss={"ignore_index": 255},
+        train={"epochs": 2, "batch_size": 4, "eval_batch_size": 4},
+        optim={"lr": 0.05},
     )
     one = seg_config_file(tmp_path / "one", mask_disk, **sections)
     two = seg_config_file(tmp_path / "two", mask_disk, **sections)
@@ -398,12 +448,18 @@ def test_one_and_two_processes_train_the_same_segmenter(tmp_path, mask_disk):
     l2 = [r["loss"] for r in read_metrics(tmp_path / "two" / "run") if r["split"] == "train"]
     assert l2 == pytest.approx(l1, abs=1e-5)
     ce, accuracy = _val_reference(one, tmp_path / "one" / "run")
-    assert s1["val"]["loss"] == pytest.approx(ce, abs=1e-5) and s1["val"]["pixel_accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    assert s1["val"]["loss"] == pytest.approx(ce, abs=1e-5) and s1["val"]["pixel_accuracy"] == pytest.approx(
+        accuracy, abs=1e-6
+    )
 
 
 def test_segmenter_with_a_classification_task_fails_before_loading_data(tmp_path):
     config = tiny_config(tmp_path, tmp_path / "no-data-here", model={"name": LRASPP})
-    one_line_error(lambda: fit_in_process(config), "model.name='lraspp_mobilenet_v3_large' is a segmentation model", "task=segmentation")
+    one_line_error(
+        lambda: fit_in_process(config),
+        "model.name='lraspp_mobilenet_v3_large' is a segmentation model",
+        "task=segmentation",
+    )
 
 
 def test_lr_plot_simulates_a_segmenter_offline(tmp_path):
@@ -411,8 +467,13 @@ def test_lr_plot_simulates_a_segmenter_offline(tmp_path):
     from ddp_finetune.lr_plot import simulate_lrs
 
     cfg = config_from_dict(
-        {"task": "segmentation", "data": {"path": "x"}, "model": {"name": "deeplabv3_resnet50", "num_classes": 3},
-         "optim": {"lr": 0.01, "head_lr": 0.1}, "train": {"epochs": 2}}
+        {
+            "task": "segmentation",
+            "data": {"path": "x"},
+            "model": {"name": "deeplabv3_resnet50", "num_classes": 3},
+            "optim": {"lr": 0.01, "head_lr": 0.1},
+            "train": {"epochs": 2},
+        }
     )
     series = simulate_lrs(cfg, steps_per_epoch=3)
     assert series["lr/head"] == [0.1] * 6 and series["lr/backbone"] == [0.01] * 6

@@ -56,10 +56,25 @@ class FakeSlurm:
         # load_config checks keys and values, not whether the data exists
         self.config.write_text(f"output_dir: {self.out}\ndata: {{path: {root / 'images'}}}\n")
         base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM")}
-        for k in ("GPUS_PER_NODE", "PROCS_PER_NODE", "CUDA_VISIBLE_DEVICES", "MAIN_ADDR", "MAIN_PORT", "DRY_RUN",
-                  "ACCELERATE_CONFIG", "SETUP", "REQUEUE", "DDPF_SLURM_DIR"):
+        for k in (
+            "GPUS_PER_NODE",
+            "PROCS_PER_NODE",
+            "CUDA_VISIBLE_DEVICES",
+            "MAIN_ADDR",
+            "MAIN_PORT",
+            "DRY_RUN",
+            "ACCELERATE_CONFIG",
+            "SETUP",
+            "REQUEUE",
+            "DDPF_SLURM_DIR",
+        ):
             base.pop(k, None)
-        base.update(PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=sys.executable, PYTHONPATH=str(REPO), FAKE_SLURM_LOG=str(self.log))
+        base.update(
+            PATH=f"{bin_dir}:{os.environ['PATH']}",
+            PYTHON=sys.executable,
+            PYTHONPATH=str(REPO),
+            FAKE_SLURM_LOG=str(self.log),
+        )
         self.outside = dict(base)
         self.env = dict(base)
         # what a batch shell sees on the first node of a 3-node job with 4 GPUs per node
@@ -67,9 +82,16 @@ class FakeSlurm:
 
     def allocate(self, hosts, job_id, **env):
         self.env.update(
-            FAKE_HOSTS=" ".join(hosts), SLURM_JOB_ID=str(job_id), SLURM_JOB_NUM_NODES=str(len(hosts)), SLURM_NNODES=str(len(hosts)),
-            SLURM_JOB_NODELIST=",".join(hosts), SLURM_NODEID="0", SLURMD_NODENAME=hosts[0], SLURM_SUBMIT_DIR=str(REPO),
-            SLURM_RESTART_COUNT="0", **env,
+            FAKE_HOSTS=" ".join(hosts),
+            SLURM_JOB_ID=str(job_id),
+            SLURM_JOB_NUM_NODES=str(len(hosts)),
+            SLURM_NNODES=str(len(hosts)),
+            SLURM_JOB_NODELIST=",".join(hosts),
+            SLURM_NODEID="0",
+            SLURMD_NODENAME=hosts[0],
+            SLURM_SUBMIT_DIR=str(REPO),
+            SLURM_RESTART_COUNT="0",
+            **env,
         )
 
     def cmd(self, template, *args):
@@ -77,7 +99,9 @@ class FakeSlurm:
 
     def run(self, template, *args, inside=True, **env):
         full_env = dict(self.env if inside else self.outside, **env)
-        return subprocess.run(self.cmd(template, *args), cwd=REPO, env=full_env, capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            self.cmd(template, *args), cwd=REPO, env=full_env, capture_output=True, text=True, timeout=120
+        )
 
     def calls(self) -> list[str]:
         return self.log.read_text().splitlines()
@@ -117,7 +141,7 @@ def test_multi_node_launch_line_for_a_three_node_allocation(fake):
         assert flag(argv, "--main_process_port") == str(20000 + 4242 % 12000)
         assert "--multi_gpu" in argv
         assert argv[:3] == [sys.executable, "-m", "accelerate.commands.launch"]  # the checked python's accelerate
-        train = argv[argv.index("ddp_finetune") - 1:]
+        train = argv[argv.index("ddp_finetune") - 1 :]
         assert train == ["-m", "ddp_finetune", "train", str(fake.config), "train.epochs=3", "checkpoint.resume=auto"]
     srun = [c for c in fake.calls() if c.startswith("srun ")]
     assert len(srun) == 1
@@ -153,7 +177,14 @@ def test_a_single_process_runs_python_itself(fake):
     fake.allocate(["n1"], job_id=8, SLURM_CPUS_PER_TASK="1")
     result = fake.run("cpu.sbatch", fake.config, DRY_RUN="1")
     assert result.returncode == 0, result.stderr
-    assert node_lines(result.stdout)["n1"] == [sys.executable, "-m", "ddp_finetune", "train", str(fake.config), "checkpoint.resume=auto"]
+    assert node_lines(result.stdout)["n1"] == [
+        sys.executable,
+        "-m",
+        "ddp_finetune",
+        "train",
+        str(fake.config),
+        "checkpoint.resume=auto",
+    ]
 
 
 def assert_one_line_error(result, *fragments):
@@ -202,7 +233,9 @@ def test_single_node_template_refuses_several_nodes(fake):
 
 def test_cpu_template_refuses_more_ranks_than_cpus(fake):
     fake.allocate(["n1"], job_id=12, SLURM_CPUS_PER_TASK="2")
-    assert_one_line_error(fake.run("cpu.sbatch", fake.config, PROCS_PER_NODE="3"), "PROCS_PER_NODE=3", "--cpus-per-task=3")
+    assert_one_line_error(
+        fake.run("cpu.sbatch", fake.config, PROCS_PER_NODE="3"), "PROCS_PER_NODE=3", "--cpus-per-task=3"
+    )
 
 
 @pytest.mark.parametrize(
@@ -221,8 +254,14 @@ def test_exit_status_and_requeue_follow_the_outcome(fake, outcome, requeue, stat
 def test_warning_signal_to_the_batch_shell_becomes_the_stop_file(fake):
     """`--signal=B:USR1@120` signals only the batch shell: it must write the stop file and wait."""
     fake.allocate(["n1"], job_id=32, SLURM_CPUS_PER_TASK="2")
-    proc = subprocess.Popen(fake.cmd("cpu.sbatch", fake.config), cwd=REPO, env=dict(fake.env, FAKE_SRUN="wait_stop"),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        fake.cmd("cpu.sbatch", fake.config),
+        cwd=REPO,
+        env=dict(fake.env, FAKE_SRUN="wait_stop"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while not any(c.startswith("srun") for c in fake.calls()):
@@ -246,13 +285,26 @@ def _start_cluster() -> tuple[bool, str | None]:
         return False, "starting the local SLURM cluster needs root (daemons, /etc/slurm)"
     if not shutil.which("sbatch") and not shutil.which("apt-get"):
         return False, "SLURM is not installed and apt-get is not available to install it"
-    was_up = shutil.which("scontrol") and subprocess.run(["bash", str(START_SCRIPT), "status"], capture_output=True).returncode == 0
+    was_up = (
+        shutil.which("scontrol")
+        and subprocess.run(["bash", str(START_SCRIPT), "status"], capture_output=True).returncode == 0
+    )
     try:
-        proc = subprocess.run(["bash", str(START_SCRIPT)], env=dict(os.environ, FAKE_NODES="2"), capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            ["bash", str(START_SCRIPT)],
+            env=dict(os.environ, FAKE_NODES="2"),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
     except subprocess.TimeoutExpired:
         return False, "slurm/local/start-local-slurm.sh did not finish within 600 s"
     if proc.returncode != 0:
-        last = [line for line in proc.stderr.splitlines() if "error" in line.lower()] or proc.stderr.splitlines() or ["no output"]
+        last = (
+            [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+            or proc.stderr.splitlines()
+            or ["no output"]
+        )
         return False, f"slurm/local/start-local-slurm.sh failed: {last[-1]}"
     return not was_up, None
 
@@ -293,9 +345,19 @@ def job_log(job: dict) -> str:
 
 def sbatch(root: Path, name: str, config: Path, nodes: int, procs: int) -> dict:
     out, log = root / name, root / f"{name}.log"
-    cmd = ["sbatch", "--parsable", f"--job-name={name}", f"--chdir={REPO}", f"--output={log}",
-           f"--nodes={nodes}", f"--cpus-per-task={procs}", f"--export=ALL,PROCS_PER_NODE={procs}",
-           str(REPO / "slurm" / "cpu.sbatch"), str(config), f"output_dir={out}"]
+    cmd = [
+        "sbatch",
+        "--parsable",
+        f"--job-name={name}",
+        f"--chdir={REPO}",
+        f"--output={log}",
+        f"--nodes={nodes}",
+        f"--cpus-per-task={procs}",
+        f"--export=ALL,PROCS_PER_NODE={procs}",
+        str(REPO / "slurm" / "cpu.sbatch"),
+        str(config),
+        f"output_dir={out}",
+    ]
     proc = subprocess.run(cmd, env=child_env(PYTHON=sys.executable), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return {"id": proc.stdout.strip().split(";")[0], "out": out, "log": log, "submitted": time.monotonic()}

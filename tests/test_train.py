@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-
 from helpers import fit_in_process, load_weights, max_abs_diff, read_metrics, read_summary, run_cli, tiny_config
 
 
@@ -52,7 +51,9 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, image_folder):
     train_a = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "a" / "run") if r["split"] == "train"]
     train_b = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "b" / "run") if r["split"] == "train"]
     assert train_b == pytest.approx(train_a, abs=1e-6)
-    assert read_summary(tmp_path / "b" / "run")["val"] == pytest.approx(read_summary(tmp_path / "a" / "run")["val"], abs=1e-6)
+    assert read_summary(tmp_path / "b" / "run")["val"] == pytest.approx(
+        read_summary(tmp_path / "a" / "run")["val"], abs=1e-6
+    )
 
 
 def test_grad_accum_gives_the_same_training(tmp_path, image_folder):
@@ -75,7 +76,9 @@ def test_wandb_offline_writes_history(tmp_path, image_folder, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login
-    config = tiny_config(tmp_path, image_folder, log={"report_to": "wandb"}, train={"epochs": 1}, checkpoint={"every_n_steps": 1})
+    config = tiny_config(
+        tmp_path, image_folder, log={"report_to": "wandb"}, train={"epochs": 1}, checkpoint={"every_n_steps": 1}
+    )
     fit_in_process(config, "train.max_steps=2")
     run = tmp_path / "run"
     offline = list((run / "wandb").glob("offline-run-*"))

@@ -47,7 +47,12 @@ CASES += [
     ("dice_bce", "multiclass", {"ignore_index": 255, "per_image": True}, True),
     ("focal", "multiclass", {"ignore_index": 255, "class_weights": [0.25, 1.0, 2.0]}, True),
     ("focal", "binary", {"alpha": None, "gamma": 1.5, "ignore_index": -1}, True),
-    ("cross_entropy", "multiclass", {"label_smoothing": 0.1, "class_weights": [1.0, 2.0, 3.0], "ignore_index": 255}, True),
+    (
+        "cross_entropy",
+        "multiclass",
+        {"label_smoothing": 0.1, "class_weights": [1.0, 2.0, 3.0], "ignore_index": 255},
+        True,
+    ),
     ("cross_entropy", "multilabel", {"label_smoothing": 0.2, "ignore_index": -1}, True),
     ("cross_entropy", "multiclass", {"label_smoothing": 0.1}, False),
     ("cross_entropy", "binary", {}, False),
@@ -135,16 +140,30 @@ def main(out_path: str) -> None:
     for i, (name, mode, options, segmentation) in enumerate(CASES):
         for split_name, split in SPLITS.items():
             for dtype in DTYPES:
-                r = run_case(accelerator, FUNCTIONS[name], mode, options, segmentation, split, seed=100 + i, dtype=dtype)
-                results.append({
-                    "loss": name, "mode": mode, "options": options, "segmentation": segmentation,
-                    "split": split_name, "dtype": str(dtype).removeprefix("torch."), **r,
-                })
+                r = run_case(
+                    accelerator, FUNCTIONS[name], mode, options, segmentation, split, seed=100 + i, dtype=dtype
+                )
+                results.append(
+                    {
+                        "loss": name,
+                        "mode": mode,
+                        "options": options,
+                        "segmentation": segmentation,
+                        "split": split_name,
+                        "dtype": str(dtype).removeprefix("torch."),
+                        **r,
+                    }
+                )
     nosync = run_case(accelerator, L.dice_loss, "binary", {}, True, SPLITS["halves"], seed=7, sync=False)
     messages = [None, None]
     dist.all_gather_object(messages, bad_target_on_rank1(accelerator))
     if accelerator.is_main_process:
-        report = {"world_size": accelerator.num_processes, "results": results, "nosync_dice": nosync, "bad_target_messages": messages}
+        report = {
+            "world_size": accelerator.num_processes,
+            "results": results,
+            "nosync_dice": nosync,
+            "bad_target_messages": messages,
+        }
         with open(out_path, "w") as f:
             json.dump(report, f, indent=1)
     accelerator.wait_for_everyone()

@@ -33,7 +33,14 @@ CONFIG = {
 
 def child_env(**extra) -> dict:
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", WANDB_MODE="offline")
+    env.update(
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=str(REPO),
+        PYTHONUNBUFFERED="1",
+        HF_DATASETS_OFFLINE="1",
+        HF_HUB_OFFLINE="1",
+        WANDB_MODE="offline",
+    )
     env.update(extra)
     return env
 
@@ -57,8 +64,20 @@ def train_cmd(config: Path, output_dir: Path, *overrides: str) -> list[str]:
 
 
 def accelerate_cmd(num_processes: int) -> list[str]:
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(num_processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
 
 
 def reference_run(root: Path) -> Path:
@@ -67,7 +86,9 @@ def reference_run(root: Path) -> Path:
     out = root / "reference"
     weights = out / "final" / "model.safetensors"
     if not weights.exists():
-        proc = subprocess.run(train_cmd(config, out), cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            train_cmd(config, out), cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300
+        )
         assert proc.returncode == 0, f"reference run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return weights
 
@@ -83,7 +104,9 @@ def max_weight_diff(a: Path, b: Path) -> float:
     return max((wa[k].double() - wb[k].double()).abs().max().item() for k in wa)
 
 
-def wait_until_training(output_dir: Path, proc: subprocess.Popen | None = None, timeout: float = 180, what: str = "") -> None:
+def wait_until_training(
+    output_dir: Path, proc: subprocess.Popen | None = None, timeout: float = 180, what: str = ""
+) -> None:
     """Return once the run has logged its first optimizer step (metrics.jsonl)."""
     metrics = Path(output_dir) / "metrics.jsonl"
     deadline = time.monotonic() + timeout
