@@ -432,6 +432,21 @@ def dice_bce_loss(
         return _divide(ce_sum, ce_count) + dice
 
 
+def _focal_factor(one_minus_p: Tensor, gamma: float) -> Tensor:
+    """(1 − p)^γ with a finite gradient everywhere.
+
+    d/du u^γ = γ·u^(γ−1) is infinite at u = 0 for γ < 1 (and 0·inf = NaN for γ = 0), and u = 0
+    happens as soon as a probability rounds to 1 (a float32 logit margin of ~17). The factor is 0
+    there and its gradient is taken as 0: the power is evaluated at a safe 1 where u = 0, and
+    the result masked, so no NaN reaches the backward pass.
+    """
+    if gamma == 0:
+        return torch.ones_like(one_minus_p)
+    positive = one_minus_p > 0
+    safe = torch.where(positive, one_minus_p, torch.ones_like(one_minus_p))
+    return torch.where(positive, safe**gamma, torch.zeros_like(safe))
+
+
 def focal_loss(
     logits: Tensor,
     targets: Tensor,
@@ -468,7 +483,7 @@ def focal_loss(
             weights = _weights("focal_loss", class_weights, batch.num_classes, x)
             logp_y = F.log_softmax(x, dim=1).gather(1, t.unsqueeze(1)).squeeze(1)  # (N, L)
             one_minus_p = -torch.expm1(logp_y)  # 1 − p_y without cancellation near p_y = 1
-            per = -(one_minus_p**gamma) * logp_y
+            per = -_focal_factor(one_minus_p, gamma) * logp_y
             if weights is not None:
                 per = per * weights[t]
             mask = batch.mask.squeeze(1)
@@ -480,7 +495,7 @@ def focal_loss(
                 )
             bce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
             one_minus_pt = torch.sigmoid(x) * (1 - t) + torch.sigmoid(-x) * t
-            per = one_minus_pt**gamma * bce
+            per = _focal_factor(one_minus_pt, gamma) * bce
             if alpha is not None:
                 per = per * (alpha * t + (1 - alpha) * (1 - t))
             mask = batch.mask

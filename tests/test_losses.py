@@ -224,6 +224,28 @@ def test_focal_is_torchvision_sigmoid_focal_loss_directly():
         torch.testing.assert_close(L.focal_loss(x, t, "multilabel", alpha=alpha, gamma=gamma), want)
 
 
+@pytest.mark.parametrize("gamma", [0.0, 0.25, 0.5, 0.99, 1.0, 2.0])
+@pytest.mark.parametrize("mode", MODES)
+def test_focal_gradient_is_finite_when_a_probability_rounds_to_one(mode, gamma):
+    """(1 - p)^gamma has an infinite derivative at p = 1 for gamma < 1: the loss must still give
+    finite gradients (a float32 logit margin of ~17 rounds a softmax probability to 1)."""
+    if mode == "multiclass":
+        x = torch.tensor([[17.0, 0.0, 0.0], [0.3, 0.1, -0.2], [-30.0, 30.0, 0.0]], requires_grad=True)
+        t = torch.tensor([0, 2, 1])
+    else:
+        x = torch.tensor([[40.0, -40.0, 0.3], [-40.0, 40.0, -0.2]], requires_grad=True)
+        t = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+        if mode == "binary":
+            x, t = x[:, :1].detach().clone().requires_grad_(True), t[:, :1]
+    loss = L.focal_loss(x, t, mode, gamma=gamma)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all(), x.grad
+    # away from the rounding, the gradient is the usual one (double precision, no rounding)
+    xd = x.detach().double().requires_grad_(True)
+    L.focal_loss(xd, t.double() if mode != "multiclass" else t, mode, gamma=gamma).backward()
+    torch.testing.assert_close(x.grad.double(), xd.grad, atol=1e-6, rtol=1e-4)
+
+
 def test_focal_is_not_the_tutorial_scalar_focal():
     """The tutorial form (focal factor of the mean BCE) gives a different value: ours is per element."""
     x, t = make("binary", seed=4)
