@@ -307,15 +307,20 @@ def drop_frozen_grads(model: nn.Module, head_prefixes: list[str]) -> int:
     return clear_grads(backbone_params(model, head_prefixes))
 
 
-def set_bn_eval(model: nn.Module) -> int:
-    """Put every BatchNorm in eval mode (fixed running statistics); call after each `model.train()`.
+def set_bn_eval(model: nn.Module, head_prefixes: list[str] | None = None) -> int:
+    """Put BatchNorm layers in eval mode (fixed running statistics); call after each `model.train()`.
 
+    `head_prefixes=None`: every BatchNorm (`model.freeze_bn`). Given the head's prefixes: only the
+    backbone's BatchNorms (a frozen backbone), so the BatchNorms inside a trained head (DeepLabV3's
+    ASPP, FCN's head, LR-ASPP's `cbr`) keep learning their statistics.
     Returns how many layers were switched. Only BatchNorm: LayerNorm / GroupNorm have no
     running statistics, and dropout must stay in train mode.
     """
     count = 0
-    for module in unwrap(model).modules():
+    for name, module in unwrap(model).named_modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if head_prefixes is not None and is_head(name, head_prefixes):
+                continue
             module.eval()
             count += 1
     return count

@@ -130,6 +130,7 @@ def setup(cfg: Config):
         report=report,
         groups=groups,
         classes_from=classes_from,
+        heads=heads,
     )
 
 
@@ -228,9 +229,11 @@ def train_one_epoch(ctx, prog: Progress, log: MetricsLog, watcher, bar) -> bool:
     epoch = prog.epoch
     model.train()
     frozen_now = ctx["dynamic_freeze"] and backbone_frozen(epoch, cfg.model)
-    # a frozen backbone is frozen entirely: its BatchNorm statistics stay fixed too
-    if cfg.model.freeze_bn or backbone_frozen(epoch, cfg.model):
+    # a frozen backbone is frozen entirely: its BatchNorm statistics stay fixed too (the head's train)
+    if cfg.model.freeze_bn:
         set_bn_eval(model)
+    elif backbone_frozen(epoch, cfg.model):
+        set_bn_eval(model, ctx["heads"])
 
     # same epoch on the sampler, the dataset's augmentation seed and Accelerate's loader
     ctx["sampler"].set_epoch(epoch)

@@ -477,3 +477,22 @@ def test_lr_plot_simulates_a_segmenter_offline(tmp_path):
     )
     series = simulate_lrs(cfg, steps_per_epoch=3)
     assert series["lr/head"] == [0.1] * 6 and series["lr/backbone"] == [0.01] * 6
+
+
+@pytest.mark.slow
+def test_frozen_backbone_keeps_backbone_bn_statistics_and_trains_the_head_bn(tmp_path, mask_folder):
+    """freeze_backbone fixes the backbone's BatchNorm statistics only: LR-ASPP's head has a
+    BatchNorm of its own (`classifier.cbr.1`) that trains with the head."""
+    from accelerate.utils import set_seed
+
+    config = seg_config_file(
+        tmp_path, mask_folder, model={"freeze_bn": False, "freeze_backbone": True}, train={"epochs": 1, "batch_size": 4}
+    )
+    fit_in_process(config)
+    set_seed(0)  # what the run does before building the model: its initial weights
+    initial, _ = build_model(ModelConfig(name=LRASPP), 3, "segmentation")
+    start, end = initial.state_dict(), load_weights(tmp_path / "run")
+    backbone_bn = [k for k in start if k.startswith("backbone.") and k.endswith("running_mean")]
+    assert backbone_bn and all(torch.equal(start[k], end[k]) for k in backbone_bn)
+    assert not torch.equal(start["classifier.cbr.1.running_mean"], end["classifier.cbr.1.running_mean"])
+    assert end["classifier.cbr.1.num_batches_tracked"] == 3
