@@ -272,6 +272,8 @@ class Config:
 
     def validate(self) -> None:
         _choice("task", self.task, ("classification", "binary", "multilabel", "segmentation"))
+        if self.seed < 0:
+            raise UserError(f"seed={self.seed} is negative; use a seed >= 0")
         for f in dataclasses.fields(self):
             sub = getattr(self, f.name)
             if dataclasses.is_dataclass(sub):

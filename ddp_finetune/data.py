@@ -217,12 +217,23 @@ def build_transforms(image_size: int, augment: bool, mean=IMAGENET_MEAN, std=IMA
     return train_tf, eval_tf
 
 
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 64-bit seed for one sample's random transform, a hash of (seed, epoch, index).
+
+    numpy's SeedSequence mixes the triple, so distinct triples give unrelated streams: no two
+    samples of any epoch or run seed share a crop (a linear formula such as
+    seed*a + epoch*b + index makes (epoch e, index i+b) collide with (epoch e+1, index i)).
+    """
+    low, high = np.random.SeedSequence([seed, epoch, int(index)]).generate_state(2, dtype=np.uint32)
+    return int(high) << 32 | int(low)
+
+
 @contextlib.contextmanager
 def _sample_rng(seed: int, epoch: int, index: int):
     """Torch's global RNG seeded for one sample's transform, restored afterwards: the draw depends
     on (seed, epoch, index) only, not on which rank, worker or restart loads the sample."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed((seed * 1_000_003 + epoch * 10_007 + int(index)) % (2**63))
+        torch.manual_seed(sample_seed(seed, epoch, index))
         yield
 
 

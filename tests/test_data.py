@@ -8,7 +8,7 @@ from datagen import make_image_folder
 from PIL import Image
 
 from ddp_finetune.config import config_from_dict
-from ddp_finetune.data import EpochSampler, build_datasets, build_loaders, load_splits
+from ddp_finetune.data import EpochSampler, build_datasets, build_loaders, load_splits, sample_seed
 from ddp_finetune.errors import UserError
 
 
@@ -89,6 +89,16 @@ def test_augmentation_is_seeded_per_sample_not_per_process(image_folder):
     assert torch.equal(train[3][0], first)
     train.epoch = 1
     assert not torch.equal(train[3][0], first), "a new epoch draws new crops"
+
+
+def test_per_sample_seeds_never_collide_across_epochs_indices_and_seeds():
+    """A linear seed formula (seed*a + epoch*b + index) gave (epoch e, index i + b) the crop of
+    (epoch e+1, index i) on any data set over b images. Every triple gets its own seed."""
+    triples = [(seed, epoch, index) for seed in (0, 1) for epoch in range(3) for index in range(10_100)]
+    seeds = {sample_seed(*t) for t in triples}
+    assert len(seeds) == len(triples)
+    assert sample_seed(0, 0, 10_007) != sample_seed(0, 1, 0) and sample_seed(1, 0, 0) != sample_seed(0, 0, 1_000_003)
+    assert all(0 <= s < 2**64 for s in seeds)
 
 
 def test_sampler_same_order_everywhere_and_whole_batches():
