@@ -1,29 +1,22 @@
-"""Datasets (Hugging Face `datasets`), transforms (torchvision v2), sampler and loaders.
+"""Where the images come from and which classes they have, decided once per run.
 
-Two choices make a run independent of the world size:
-- `EpochSampler` draws one seeded permutation per epoch, the same on every rank; Accelerate's
-  `split_batches=True` then gives each rank its slice of every global batch.
-- Augmentation is seeded per (seed, epoch, sample index), so a sample is cropped and flipped
-  the same way whichever rank loads it.
+    splits = load_splits(cfg.data, cfg.seed, cfg.task)     # Hugging Face datasets: train / val
+    classes = decide_classes(cfg, splits)                    # names, model outputs, where from
 
-Segmentation (`task: segmentation`) pairs each image with a mask of class indices; the same v2
-transforms crop, flip and resize both together (`tv_tensors.Mask` is resized with NEAREST).
+Sources: `imagefolder` (class folders; segmentation: images/ + masks/ folders), `disk` (a dataset
+saved with `save_to_disk`), `hub` (a Hub name). Without a validation split, a seeded
+`val_fraction` split, identical on every rank and every restart. `datasets.py` turns a split
+into (tensor, target) samples; `loaders.py` batches them.
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
-
 from .errors import UserError
+from .images import mask_array
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _VAL_NAMES = ("validation", "val", "valid", "test")
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 _SEG_LAYOUT = "path/[<split>/]images/<name>.<ext> with path/[<split>/]masks/<name>.png"
@@ -31,12 +24,28 @@ _SEG_LAYOUT = "path/[<split>/]images/<name>.<ext> with path/[<split>/]masks/<nam
 
 @dataclass
 class Splits:
+    """The training and validation splits as the data holds them."""
+
     train: object  # datasets.Dataset
     val: object
-    class_names: list[str]
+    class_names: list[str]  # from the labels (classification tasks); data.class_names (segmentation)
     val_source: str  # which split, or "val_fraction"
     label_kind: str = "index"  # index (ClassLabel), values (map through class_names), multi_hot, mask
-    scanned_classes: int | None = None  # segmentation: the training masks' largest value + 1, once scanned
+
+
+@dataclass(frozen=True)
+class Classes:
+    """The classes of a run: decided once by `decide_classes`, then passed to the model and datasets."""
+
+    names: tuple[str, ...]  # in index order (binary: the two label values)
+    outputs: int  # channels of the model's head: 1 for binary, else the number of classes
+    label_kind: str  # index, values (mapped through `names`), multi_hot, mask
+    source: str = ""  # where the count came from, for the start-up line (segmentation)
+
+    @property
+    def label_to_index(self) -> dict[str, int] | None:
+        """Raw label value (as str) -> class index, for `values` labels; None otherwise."""
+        return {n: i for i, n in enumerate(self.names)} if self.label_kind == "values" else None
 
 
 # --------------------------------------------------------------------------- loading
@@ -200,133 +209,6 @@ def class_names(ds, label_column: str) -> tuple[list[str], str]:
     return [str(v) for v in sorted(set(values))], "values"
 
 
-# --------------------------------------------------------------------------- transforms
-
-
-def build_transforms(image_size: int, augment: bool, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """(train transform, eval transform), torchvision transforms v2 on PIL images."""
-    from torchvision.transforms import v2
-
-    to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
-    eval_tf = v2.Compose(
-        [v2.Resize(int(round(image_size / 0.875)), antialias=True), v2.CenterCrop(image_size), *to_tensor]
-    )
-    if not augment:
-        return eval_tf, eval_tf
-    train_tf = v2.Compose([v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip(), *to_tensor])
-    return train_tf, eval_tf
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A 64-bit seed for one sample's random transform, a hash of (seed, epoch, index).
-
-    numpy's SeedSequence mixes the triple, so distinct triples give unrelated streams: no two
-    samples of any epoch or run seed share a crop (a linear formula such as
-    seed*a + epoch*b + index makes (epoch e, index i+b) collide with (epoch e+1, index i)).
-    """
-    low, high = np.random.SeedSequence([seed, epoch, int(index)]).generate_state(2, dtype=np.uint32)
-    return int(high) << 32 | int(low)
-
-
-@contextlib.contextmanager
-def _sample_rng(seed: int, epoch: int, index: int):
-    """Torch's global RNG seeded for one sample's transform, restored afterwards: the draw depends
-    on (seed, epoch, index) only, not on which rank, worker or restart loads the sample."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(sample_seed(seed, epoch, index))
-        yield
-
-
-def _to_rgb(image):
-    from PIL import Image
-
-    if isinstance(image, (str, Path)):
-        image = Image.open(image)
-    if image.mode != "RGB":  # grayscale scans, RGBA screenshots, palette PNGs
-        image = image.convert("RGB")
-    return image
-
-
-class ImageDataset(Dataset):
-    """A Hugging Face split as (image tensor, target) pairs.
-
-    Targets: class index (classification), float 0/1 of shape (1,) (binary), multi-hot float vector (multilabel).
-    Random transforms are seeded per (seed, epoch, index), so they do not depend on which rank,
-    worker or restart loads the sample.
-    """
-
-    def __init__(
-        self, hf_ds, transform, image_column, label_column, task, num_classes, label_to_index, seed=0, random=False
-    ):
-        self.ds, self.transform = hf_ds, transform
-        self.image_column, self.label_column = image_column, label_column
-        self.task, self.num_classes, self.label_to_index = task, num_classes, label_to_index
-        self.seed, self.random, self.epoch = seed, random, 0
-        self.multi_hot = False
-
-    def __len__(self):
-        return len(self.ds)
-
-    def target(self, label):
-        if self.task == "multilabel":
-            t = torch.zeros(self.num_classes)
-            if self.multi_hot:
-                return torch.tensor(label, dtype=torch.float32)
-            for v in label:
-                t[self._index(v)] = 1.0
-            return t
-        index = self._index(label)
-        if self.task == "binary":
-            # shape (1,): a batch of targets (N, 1) matches the model's one logit (N, 1), so a
-            # user loss such as F.binary_cross_entropy_with_logits(logits, targets) just works
-            return torch.tensor([float(index)])
-        return index
-
-    def _index(self, label):
-        # ClassLabel columns hold indices already; raw values (strings, sparse ints) go through the map
-        index = self.label_to_index[str(label)] if self.label_to_index is not None else int(label)
-        if not 0 <= index < max(self.num_classes, 2):
-            raise UserError(
-                f"label {label!r} is outside the {self.num_classes} classes of the model; set model.num_classes or fix the labels"
-            )
-        return index
-
-    def __getitem__(self, index):
-        row = self.ds[int(index)]
-        image = _to_rgb(row[self.image_column])
-        if self.random:
-            with _sample_rng(self.seed, self.epoch, index):
-                x = self.transform(image)
-        else:
-            x = self.transform(image)
-        return x, self.target(row[self.label_column])
-
-
-# --------------------------------------------------------------------------- segmentation
-
-
-def mask_array(value, where: str) -> np.ndarray:
-    """A mask (PIL image of mode L / P / I / 1, a path to one, or an integer array) as (H, W) int64."""
-    from PIL import Image
-
-    if isinstance(value, (str, Path)):
-        value = Image.open(value)
-    if isinstance(value, Image.Image):
-        if value.mode not in ("1", "L", "P") and not value.mode.startswith("I"):
-            raise UserError(
-                f"mask of {where} is a mode {value.mode} image; masks hold one class index per pixel "
-                "(mode L or P, e.g. Image.fromarray(classes.astype(np.uint8)))"
-            )
-        array = np.array(value)  # mode P: the palette indices, which are the classes
-    else:
-        array = np.asarray(value)
-    if array.ndim != 2 or not (np.issubdtype(array.dtype, np.integer) or array.dtype == bool):
-        raise UserError(
-            f"mask of {where} is a {array.dtype} array of shape {array.shape}; give (H, W) integer class indices"
-        )
-    return array.astype(np.int64)
-
-
 def scan_mask_classes(ds, mask_column: str, ignore_index: int | None) -> int:
     """The masks' largest class index + 1 (at least 2), `ignore_index` left out. Reads every mask."""
     top = -1
@@ -348,137 +230,39 @@ def scan_mask_classes(ds, mask_column: str, ignore_index: int | None) -> int:
     return max(top + 1, 2)
 
 
-class SegmentationDataset(Dataset):
-    """A Hugging Face split as (image tensor (3, S, S), int64 class-index mask (S, S)) pairs.
-
-    The transforms see the image and its `tv_tensors.Mask` together, so one random crop and flip
-    (seeded per (seed, epoch, index), as `ImageDataset`) moves both; masks are resized with NEAREST.
-    """
-
-    def __init__(self, hf_ds, transform, image_column, mask_column, seed=0, random=False, split="train"):
-        self.ds, self.transform = hf_ds, transform
-        self.image_column, self.mask_column = image_column, mask_column
-        self.seed, self.random, self.epoch, self.split = seed, random, 0, split
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, index):
-        from torchvision import tv_tensors
-
-        row = self.ds[int(index)]
-        image = _to_rgb(row[self.image_column])
-        where = f"{self.split} row {int(index)}"
-        mask = mask_array(row[self.mask_column], where)
-        if mask.shape != (image.height, image.width):
-            raise UserError(
-                f"mask of {where} is {mask.shape[1]}x{mask.shape[0]} but its image is {image.width}x{image.height}; they must match"
-            )
-        mask = tv_tensors.Mask(torch.from_numpy(mask))
-        if self.random:
-            with _sample_rng(self.seed, self.epoch, index):
-                x, y = self.transform(image, mask)
-        else:
-            x, y = self.transform(image, mask)
-        return x, y.as_subclass(torch.Tensor)
-
-
-class EpochSampler(Sampler):
-    """A seeded permutation per epoch, the same on every rank, cut to whole global batches.
-
-    Keeping only `len // batch_size * batch_size` indices makes every optimizer step see exactly
-    one global batch, at any world size and accumulation.
-    """
-
-    def __init__(self, length: int, batch_size: int, seed: int, shuffle: bool = True):
-        self.length, self.batch_size, self.seed, self.shuffle = length, batch_size, seed, shuffle
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self):
-        return self.length // self.batch_size * self.batch_size
-
-    def __iter__(self):
-        if self.shuffle:
-            g = torch.Generator()
-            g.manual_seed(self.seed * 7919 + self.epoch)
-            order = torch.randperm(self.length, generator=g).tolist()
-        else:
-            order = list(range(self.length))
-        return iter(order[: len(self)])
-
-
-def normalization(report: dict | None):
-    stats = (report or {}).get("normalization")
-    if stats:
-        return tuple(stats["mean"]), tuple(stats["std"])
-    return IMAGENET_MEAN, IMAGENET_STD
-
-
-def infer_num_classes(cfg, splits: Splits) -> tuple[int, str]:
-    """(classes of the model, where that number came from: "" unless the task is segmentation).
+def decide_classes(cfg, splits: Splits) -> Classes:
+    """The run's classes from the labels, `model.num_classes` and (segmentation) `data.class_names`.
 
     Segmentation: `model.num_classes`, else `data.class_names`, else the training masks' largest
-    value + 1 with `loss.ignore_index` left out (scanned once, kept on `splits`).
+    value + 1 with `loss.ignore_index` left out (every training mask is read once).
     """
-    if cfg.task != "segmentation":
-        return cfg.model.num_classes or (1 if cfg.task == "binary" else len(splits.class_names)), ""
-    if cfg.model.num_classes:
-        return cfg.model.num_classes, "model.num_classes"
-    if cfg.data.class_names:
-        return len(cfg.data.class_names), "data.class_names"
-    if splits.scanned_classes is None:
-        splits.scanned_classes = scan_mask_classes(splits.train, cfg.data.mask_column, cfg.loss.ignore_index)
-    ignoring = f", ignoring loss.ignore_index={cfg.loss.ignore_index}" if cfg.loss.ignore_index is not None else ""
-    return splits.scanned_classes, f"the training masks' largest value + 1{ignoring}"
-
-
-def build_datasets(cfg, splits: Splits, norm=(IMAGENET_MEAN, IMAGENET_STD), num_classes: int | None = None):
-    """(train, val, num_classes); `num_classes` defaults to `infer_num_classes`."""
-    d = cfg.data
-    if num_classes is None:
-        num_classes, _ = infer_num_classes(cfg, splits)
     if cfg.task == "segmentation":
-        train_tf, eval_tf = build_transforms(d.image_size, d.augment, *norm)  # v2: the same calls move image and Mask
-        common = dict(image_column=d.image_column, mask_column=d.mask_column, seed=cfg.seed)
-        train = SegmentationDataset(splits.train, train_tf, random=d.augment, split=d.train_split, **common)
-        val_name = "validation (val_fraction)" if splits.val_source == "val_fraction" else splits.val_source
-        val = SegmentationDataset(splits.val, eval_tf, random=False, split=val_name, **common)
-        return train, val, num_classes
-    if cfg.task == "binary" and len(splits.class_names) > 2:
+        return _segmentation_classes(cfg, splits)
+    names, kind = tuple(splits.class_names), splits.label_kind
+    if cfg.task == "binary":
+        if len(names) > 2:
+            raise UserError(
+                f"task=binary but {cfg.data.label_column!r} has {len(names)} classes ({', '.join(names[:5])}...); "
+                "use task=classification"
+            )
+        return Classes(names=names, outputs=1, label_kind=kind)
+    wanted = cfg.model.num_classes
+    if wanted is not None and wanted < len(names):
         raise UserError(
-            f"task=binary but {d.label_column!r} has {len(splits.class_names)} classes ({', '.join(splits.class_names[:5])}...); "
-            "use task=classification"
+            f"model.num_classes={wanted} but the labels have {len(names)} classes ({', '.join(names[:5])}...); "
+            "set model.num_classes=null (inferred from the labels) or at least the number of classes"
         )
-    mapping = {n: i for i, n in enumerate(splits.class_names)} if splits.label_kind == "values" else None
-    train_tf, eval_tf = build_transforms(d.image_size, d.augment, *norm)
-    common = dict(
-        image_column=d.image_column,
-        label_column=d.label_column,
-        task=cfg.task,
-        num_classes=num_classes,
-        label_to_index=mapping,
-    )
-    train = ImageDataset(splits.train, train_tf, seed=cfg.seed, random=d.augment, **common)
-    val = ImageDataset(splits.val, eval_tf, seed=cfg.seed, random=False, **common)
-    train.multi_hot = val.multi_hot = splits.label_kind == "multi_hot"
-    return train, val, num_classes
+    return Classes(names=names, outputs=wanted or len(names), label_kind=kind)
 
 
-def build_loaders(cfg, train_ds, val_ds):
-    """Loaders whose batch is the *global* micro-batch: Accelerate's split_batches divides it by ranks."""
-    micro = cfg.train.batch_size // cfg.train.grad_accum
-    if len(train_ds) < cfg.train.batch_size:
-        raise UserError(
-            f"the training split has {len(train_ds)} images, fewer than train.batch_size={cfg.train.batch_size}; "
-            "lower train.batch_size or add data"
-        )
-    sampler = EpochSampler(len(train_ds), cfg.train.batch_size, cfg.seed)
-    workers = cfg.data.num_workers
-    train_dl = DataLoader(train_ds, batch_size=micro, sampler=sampler, drop_last=True, num_workers=workers)
-    val_dl = DataLoader(
-        val_ds, batch_size=cfg.train.eval_batch_size or cfg.train.batch_size, shuffle=False, num_workers=workers
-    )
-    return train_dl, val_dl, sampler
+def _segmentation_classes(cfg, splits: Splits) -> Classes:
+    if cfg.model.num_classes:
+        count, source = cfg.model.num_classes, "model.num_classes"
+    elif cfg.data.class_names:
+        count, source = len(cfg.data.class_names), "data.class_names"
+    else:
+        count = scan_mask_classes(splits.train, cfg.data.mask_column, cfg.loss.ignore_index)
+        ignoring = f", ignoring loss.ignore_index={cfg.loss.ignore_index}" if cfg.loss.ignore_index is not None else ""
+        source = f"the training masks' largest value + 1{ignoring}"
+    names = tuple(cfg.data.class_names or [str(i) for i in range(count)])
+    return Classes(names=names, outputs=count, label_kind="mask", source=source)

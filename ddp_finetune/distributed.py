@@ -26,12 +26,14 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
-def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1, log_with=None, project_dir=None):
+def make_accelerator(mixed_precision: str = "no", log_with=None, project_dir=None):
     """Build the Accelerator so that a launcher's N processes really are N ranks.
 
     Without CUDA, `Accelerator()` silently gives every process `num_processes == 1` under
     `accelerate launch --multi_gpu` (PITFALLS item 1): we pass `cpu=True`, which selects gloo,
-    and then compare with the launcher's `WORLD_SIZE`.
+    and then compare with the launcher's `WORLD_SIZE`. Gradient accumulation is the loop's own
+    (`train.optimizer_step` sees a whole optimizer step's micro-batches at once), so the
+    Accelerator is built without it.
     """
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
@@ -45,7 +47,6 @@ def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1, log_with=
     accelerator = Accelerator(
         cpu=not cuda,
         mixed_precision=mixed_precision,
-        gradient_accumulation_steps=grad_accum,
         # train.batch_size is the global batch: each DataLoader batch is split across ranks.
         dataloader_config=DataLoaderConfiguration(split_batches=True),
         log_with=log_with,

@@ -125,3 +125,14 @@ def fit_in_process(config_path, *overrides) -> dict:
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
+
+
+def datasets_of(cfg):
+    """(train, val, classes, splits) of a config, as a run builds them (ImageNet normalization)."""
+    from ddp_finetune.data import decide_classes, load_splits
+    from ddp_finetune.datasets import build_datasets
+
+    splits = load_splits(cfg.data, cfg.seed, cfg.task)
+    classes = decide_classes(cfg, splits)
+    train, val = build_datasets(cfg, splits, classes)
+    return train, val, classes, splits

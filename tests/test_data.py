@@ -5,11 +5,14 @@ import numpy as np
 import pytest
 import torch
 from datagen import make_image_folder
+from helpers import datasets_of
 from PIL import Image
 
 from ddp_finetune.config import config_from_dict
-from ddp_finetune.data import EpochSampler, build_datasets, build_loaders, load_splits, sample_seed
+from ddp_finetune.data import load_splits
 from ddp_finetune.errors import UserError
+from ddp_finetune.loaders import EpochSampler, build_loaders
+from ddp_finetune.transforms import sample_seed
 
 
 def _cfg(path, *overrides, source="imagefolder"):
@@ -38,9 +41,9 @@ def test_grayscale_and_rgba_become_rgb_tensors(tmp_path):
     for mode in ("L", "RGBA"):
         root = make_image_folder(tmp_path / mode, per_class=4, mode=mode)
         cfg = _cfg(root)
-        train, val, num_classes = build_datasets(cfg, load_splits(cfg.data, 0))
+        train, val, classes, _ = datasets_of(cfg)
         x, y = val[0]
-        assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and num_classes == 3
+        assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and classes.outputs == 3
         assert isinstance(y, int)
 
 
@@ -53,9 +56,8 @@ def test_saved_dataset_with_string_labels(tmp_path):
     )
     datasets.DatasetDict({"train": ds, "test": ds.select(range(4))}).save_to_disk(str(tmp_path / "saved"))
     cfg = _cfg(tmp_path / "saved", "data.image_column=img", "data.label_column=kind", source="disk")
-    splits = load_splits(cfg.data, 0)
+    train, _, _, splits = datasets_of(cfg)
     assert splits.val_source == "test" and splits.class_names == ["a", "b"]
-    train, _, _ = build_datasets(cfg, splits)
     assert [train[i][1] for i in range(4)] == [1, 0, 1, 0]
     assert train[0][0].shape == (3, 16, 16)
 
@@ -83,7 +85,7 @@ def test_hub_offline_is_a_clear_error(monkeypatch):
 
 def test_augmentation_is_seeded_per_sample_not_per_process(image_folder):
     cfg = _cfg(image_folder, "data.augment=true")
-    train, _, _ = build_datasets(cfg, load_splits(cfg.data, 0))
+    train, _, _, _ = datasets_of(cfg)
     first = train[3][0]
     torch.manual_seed(123)  # the global RNG must not matter
     assert torch.equal(train[3][0], first)
@@ -115,7 +117,7 @@ def test_sampler_same_order_everywhere_and_whole_batches():
 
 def test_loader_batch_is_the_global_micro_batch(image_folder):
     cfg = _cfg(image_folder, "train.batch_size=8", "train.grad_accum=2")
-    train, val, _ = build_datasets(cfg, load_splits(cfg.data, 0))
+    train, val, _, _ = datasets_of(cfg)
     train_dl, _, _ = build_loaders(cfg, train, val)
     sizes = [x.shape[0] for x, _ in train_dl]
     assert sizes == [4] * (len(train) // 8 * 2)
@@ -123,6 +125,6 @@ def test_loader_batch_is_the_global_micro_batch(image_folder):
 
 def test_too_small_for_the_batch(image_folder):
     cfg = _cfg(image_folder, "train.batch_size=64")
-    train, val, _ = build_datasets(cfg, load_splits(cfg.data, 0))
+    train, val, _, _ = datasets_of(cfg)
     with pytest.raises(UserError, match="fewer than train.batch_size=64"):
         build_loaders(cfg, train, val)

@@ -53,14 +53,14 @@ def make_multilabel_disk(root, n=32, size=16, seed=0):
 
 def val_outputs(config_path, run_dir):
     """(logits, targets) of the final weights on the run's validation split, computed here."""
+    from helpers import datasets_of
+
     from ddp_finetune.config import load_config
-    from ddp_finetune.data import build_datasets, load_splits
     from ddp_finetune.models import build_model
 
     cfg = load_config(config_path)
-    splits = load_splits(cfg.data, cfg.seed)
-    _, val, num_classes = build_datasets(cfg, splits)
-    model, _ = build_model(cfg.model, num_classes)
+    _, val, classes, splits = datasets_of(cfg)
+    model, _ = build_model(cfg.model, classes.outputs)
     model.load_state_dict(load_weights(run_dir))
     model.eval()
     xs, ys = zip(*(val[i] for i in range(len(val))))

@@ -19,11 +19,21 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from datagen import make_mask_disk, make_mask_folder
-from helpers import fit_in_process, launch_2proc, load_weights, max_abs_diff, read_metrics, read_summary, tiny_config
+from helpers import (
+    datasets_of,
+    fit_in_process,
+    launch_2proc,
+    load_weights,
+    max_abs_diff,
+    read_metrics,
+    read_summary,
+    tiny_config,
+)
 from PIL import Image
 
 from ddp_finetune.config import ModelConfig, OptimConfig, config_from_dict, load_config
-from ddp_finetune.data import build_datasets, infer_num_classes, load_splits
+from ddp_finetune.data import decide_classes, load_splits
+from ddp_finetune.datasets import build_datasets
 from ddp_finetune.errors import UserError
 from ddp_finetune.metrics import confusion_matrices, segmentation_metrics, segmentation_sample_stats
 from ddp_finetune.models import (
@@ -146,11 +156,12 @@ def test_folder_layout_masks_matched_by_stem(mask_folder):
     again = load_splits(cfg.data, 0, "segmentation")
     assert np.array_equal(np.array(again.val[0]["mask"]), np.array(splits.val[0]["mask"])), "the split is seeded"
 
-    num_classes, source = infer_num_classes(cfg, splits)
-    assert (num_classes, source) == (3, "the training masks' largest value + 1")
-    train, val, n = build_datasets(cfg, splits)
+    classes = decide_classes(cfg, splits)
+    assert (classes.outputs, classes.source) == (3, "the training masks' largest value + 1")
+    assert classes.names == ("0", "1", "2")
+    train, val = build_datasets(cfg, splits, classes)
     x, y = val[0]
-    assert n == 3 and x.shape == (3, 32, 32) and x.dtype == torch.float32
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32
     assert type(y) is torch.Tensor and y.dtype == torch.int64 and y.shape == (32, 32)
     assert set(y.unique().tolist()) <= {0, 1, 2}
 
@@ -163,18 +174,17 @@ def test_split_folders_and_saved_dataset(tmp_path, mask_disk):
     cfg = seg_cfg(mask_disk, "loss.ignore_index=255", source="disk")
     splits = load_splits(cfg.data, 0, "segmentation")
     assert (len(splits.train), len(splits.val)) == (18, 6)
-    assert infer_num_classes(cfg, splits) == (
+    classes = decide_classes(cfg, splits)
+    assert (classes.outputs, classes.source) == (
         3,
         "the training masks' largest value + 1, ignoring loss.ignore_index=255",
     )
-    assert (
-        infer_num_classes(seg_cfg(mask_disk, "data.class_names=[bg, square, disc, other]", source="disk"), splits)[0]
-        == 4
-    )
-    assert infer_num_classes(seg_cfg(mask_disk, "model.num_classes=5", source="disk"), splits)[0] == 5
+    named = decide_classes(seg_cfg(mask_disk, "data.class_names=[bg, square, disc, other]", source="disk"), splits)
+    assert named.outputs == 4 and named.names == ("bg", "square", "disc", "other")
+    assert decide_classes(seg_cfg(mask_disk, "model.num_classes=5", source="disk"), splits).outputs == 5
     # 255 without ignore_index: the VOC convention is named, not 256 classes
     one_line_error(
-        lambda: infer_num_classes(seg_cfg(mask_disk, source="disk"), load_splits(cfg.data, 0, "segmentation")),
+        lambda: decide_classes(seg_cfg(mask_disk, source="disk"), load_splits(cfg.data, 0, "segmentation")),
         "255",
         "loss.ignore_index=255",
     )
@@ -182,8 +192,7 @@ def test_split_folders_and_saved_dataset(tmp_path, mask_disk):
 
 def test_joint_augmentation_moves_image_and_mask_together(mask_folder):
     cfg = seg_cfg(mask_folder, "data.augment=true")
-    splits = load_splits(cfg.data, 0, "segmentation")
-    train, val, _ = build_datasets(cfg, splits)
+    train, val, _, splits = datasets_of(cfg)
     mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
     flipped_or_cropped = 0
     for i in range(len(train)):
@@ -230,8 +239,8 @@ def test_bad_data_is_a_one_line_error(tmp_path, mask_folder, mask_disk):
         Image.open(mask).convert("RGB").save(mask)
     cfg = seg_cfg(rgb)
     splits = load_splits(cfg.data, 0, "segmentation")
-    one_line_error(lambda: infer_num_classes(cfg, splits), "training row 0", "mode RGB image", "mode L or P")
-    _, val, _ = build_datasets(seg_cfg(rgb, "model.num_classes=3"), splits)
+    one_line_error(lambda: decide_classes(cfg, splits), "training row 0", "mode RGB image", "mode L or P")
+    _, val, _, _ = datasets_of(seg_cfg(rgb, "model.num_classes=3"))
     one_line_error(lambda: val[0], "validation (val_fraction) row 0", "mode RGB image")
 
 
@@ -377,9 +386,8 @@ def test_every_builtin_loss_takes_pixel_logits(name):
 def _val_reference(config_path, run_dir):
     """Pixel cross-entropy and accuracy of the final weights on the run's validation split, here."""
     cfg = load_config(config_path)
-    splits = load_splits(cfg.data, cfg.seed, cfg.task)
-    _, val, num_classes = build_datasets(cfg, splits)
-    model, _ = build_model(cfg.model, num_classes, cfg.task)
+    _, val, classes, _ = datasets_of(cfg)
+    model, _ = build_model(cfg.model, classes.outputs, cfg.task)
     model.load_state_dict(load_weights(run_dir))
     model.eval()
     xs, ys = zip(*(val[i] for i in range(len(val))))

@@ -1,0 +1,177 @@
+"""`Run`: everything a training run holds, built once from the config by `build_run`.
+
+    run = build_run(cfg)     # data -> classes -> model -> groups -> optimizer -> schedule -> prepare
+    for line in start_lines(run): print0(line)
+
+The loop (`train.py`) and evaluation (`evaluate.py`) read these fields by name; nothing else keeps
+training state. Progress through the run (step, epoch) lives in `train.Progress`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from . import distributed as dist_utils
+from .config import Config, dump_config
+from .data import Classes, Splits, decide_classes, load_splits
+from .datasets import build_datasets
+from .errors import UserError
+from .loaders import EpochSampler, build_loaders
+from .losses import build_loss
+from .models import build_model, check_model_name, head_prefixes
+from .param_groups import (
+    apply_static_freeze,
+    backbone_params,
+    build_param_groups,
+    describe_groups,
+    make_optimizer,
+    uses_static_freeze,
+)
+from .schedules import Schedule, build_schedule
+from .tracking import log_with
+
+AUX_LOSS_WEIGHT = 0.3  # GoogLeNet / Inception auxiliary heads, as in the GoogLeNet paper
+SEGMENTATION_AUX_LOSS_WEIGHT = 0.5  # DeepLabV3 / FCN aux_classifier, as torchvision's segmentation reference
+
+
+@dataclass
+class Run:
+    """The objects of one training run, by name (see `build_run` for how each is made)."""
+
+    cfg: Config
+    accelerator: Any  # accelerate.Accelerator
+    model: nn.Module  # prepared: DDP-wrapped when there are several processes
+    optimizer: Any  # the prepared optimizer (Accelerate's wrapper)
+    raw_optimizer: Any  # the torch optimizer inside it: its param_groups carry the group names and lrs
+    groups: list[dict]  # the parameter groups as built (names, roles, base lrs)
+    schedule: Schedule
+    train_loader: Any
+    val_loader: Any
+    sampler: EpochSampler
+    train_set: Any  # its `.epoch` seeds augmentation
+    loss_fn: Callable  # the training loss, synchronized across ranks
+    eval_loss_fn: Callable  # the same loss on gathered logits, not synchronized
+    splits: Splits
+    classes: Classes
+    heads: list[str]  # module names of the head (the `head` parameter group)
+    frozen_params: list[nn.Parameter]  # backbone params whose grads are dropped while frozen until an epoch
+    dynamic_freeze: bool  # freeze_backbone with unfreeze_at_epoch
+    load_report: dict  # what build_model loaded (weights, missing / unexpected keys)
+    steps_per_epoch: int
+    aux_weight: float
+
+
+def check_batch_sizes(cfg: Config, processes: int) -> None:
+    k = cfg.train.grad_accum
+    if cfg.train.batch_size % (processes * k):
+        raise UserError(
+            f"train.batch_size={cfg.train.batch_size} does not divide by {processes} processes x train.grad_accum={k}; "
+            f"use a multiple of {processes * k}"
+        )
+    eval_batch = cfg.train.eval_batch_size or cfg.train.batch_size
+    if eval_batch % processes:
+        raise UserError(
+            f"train.eval_batch_size={eval_batch} does not divide by {processes} processes; use a multiple of {processes}"
+        )
+
+
+def build_run(cfg: Config) -> Run:
+    """Build everything in the order data -> model -> optimizer -> schedule -> prepare."""
+    from accelerate.utils import set_seed
+
+    accelerator = dist_utils.make_accelerator(
+        cfg.train.mixed_precision, log_with=log_with(cfg), project_dir=cfg.output_dir
+    )
+    check_batch_sizes(cfg, accelerator.num_processes)
+    check_model_name(cfg.model.name, cfg.task)  # before loading any data
+    if accelerator.is_main_process:
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_config(cfg))
+    accelerator.wait_for_everyone()
+
+    # the first rank of each node fills the node's caches (datasets, $TORCH_HOME), the others read
+    with accelerator.local_main_process_first():
+        splits = load_splits(cfg.data, cfg.seed, cfg.task)
+    classes = decide_classes(cfg, splits)
+    with accelerator.local_main_process_first():
+        set_seed(cfg.seed)  # identical initial weights on every rank
+        model, report = build_model(cfg.model, classes.outputs, cfg.task)
+    stats = report.get("normalization")
+    norm = (tuple(stats["mean"]), tuple(stats["std"])) if stats else ()
+    train_set, val_set = build_datasets(cfg, splits, classes, *norm)
+    train_loader, val_loader, sampler = build_loaders(cfg, train_set, val_set)
+
+    heads = head_prefixes(model)
+    # frozen for the whole run: requires_grad=False before DDP wraps the model (saves compute);
+    # frozen until an epoch: grads are dropped each step instead, so DDP registers every param
+    dynamic_freeze = cfg.model.freeze_backbone and not uses_static_freeze(cfg.model)
+    if uses_static_freeze(cfg.model):
+        apply_static_freeze(model, heads)
+    groups = build_param_groups(model, heads, cfg.optim)
+    optimizer = make_optimizer(groups, cfg.optim)
+    steps_per_epoch = len(train_set) // cfg.train.batch_size
+    schedule = build_schedule(cfg.schedule, optimizer, steps_per_epoch, cfg.train.epochs)
+    loss_fn = build_loss(cfg.loss, cfg.task, classes.outputs)
+    eval_loss_fn = build_loss(dataclasses.replace(cfg.loss, sync=False), cfg.task, classes.outputs)
+
+    model, prepared_opt, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    accelerator.register_for_checkpointing(schedule)
+    return Run(
+        cfg=cfg,
+        accelerator=accelerator,
+        model=model,
+        optimizer=prepared_opt,
+        raw_optimizer=optimizer,
+        groups=groups,
+        schedule=schedule,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        sampler=sampler,
+        train_set=train_set,
+        loss_fn=loss_fn,
+        eval_loss_fn=eval_loss_fn,
+        splits=splits,
+        classes=classes,
+        heads=heads,
+        # listed once, from the prepared model: the loop drops their grads every step while frozen
+        frozen_params=backbone_params(model, heads) if dynamic_freeze else [],
+        dynamic_freeze=dynamic_freeze,
+        load_report=report,
+        steps_per_epoch=steps_per_epoch,
+        aux_weight=SEGMENTATION_AUX_LOSS_WEIGHT if cfg.task == "segmentation" else AUX_LOSS_WEIGHT,
+    )
+
+
+def start_lines(run: Run) -> list[str]:
+    """What the main process prints before training: world, data, weights, groups, schedule."""
+    a, cfg = run.accelerator, run.cfg
+    layout = dist_utils.layout()
+    n, k = a.num_processes, cfg.train.grad_accum
+    classes_from = f" (from {run.classes.source})" if run.classes.source else ""
+    lines = [
+        f"ddp-finetune: world size {n} (node rank {layout['node_rank']} of {layout['num_nodes']}, "
+        f"main address {layout['main_address']}), device {a.device}, mixed precision {cfg.train.mixed_precision}",
+        f"data: {len(run.train_set)} train images, {len(run.splits.val)} validation ({run.splits.val_source}), "
+        f"{run.classes.outputs} classes{classes_from}; global batch {cfg.train.batch_size} = {n} processes x {k} "
+        f"accumulation x {cfg.train.batch_size // (n * k)} per micro-batch",
+    ]
+    r = run.load_report
+    if r.get("weights"):
+        msg = f"weights: {r['weights']}; new head {', '.join(r['heads'])}"
+        if r["missing_keys"]:
+            msg += f"; missing {len(r['missing_keys'])} keys (e.g. {r['missing_keys'][0]})"
+        if r["unexpected_keys"]:
+            msg += f"; unexpected {len(r['unexpected_keys'])} keys (e.g. {r['unexpected_keys'][0]})"
+        if r["skipped_head_keys"]:
+            msg += f"; head keys not loaded: {', '.join(r['skipped_head_keys'])}"
+        lines.append(msg)
+    lines.append(describe_groups(run.groups))
+    lines.append(run.schedule.describe())
+    return lines
