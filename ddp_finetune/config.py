@@ -8,13 +8,14 @@ the same text). Unknown keys and wrong types are `UserError`s that list the vali
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -23,7 +24,7 @@ from .errors import UserError
 
 @dataclass
 class DataConfig:
-    source: str = "imagefolder"
+    source: Literal["imagefolder", "disk", "hub"] = "imagefolder"
     """Where the images come from: `imagefolder` (a local folder of class sub-folders, or split folders
     `train/`, `validation/`; segmentation: `images/` and `masks/` folders, optionally under split folders), `disk` (a dataset saved with `save_to_disk`) or `hub` (a Hugging Face Hub name)."""
     path: str | None = None
@@ -40,7 +41,7 @@ class DataConfig:
     """Column holding the labels: a class index (classification, binary) or a list of class indices / a multi-hot vector (multilabel)."""
     mask_column: str = "mask"
     """Segmentation: column holding the masks (an image of class indices, mode L or P, or an array of them)."""
-    class_names: list | None = None
+    class_names: list[str] | None = None
     """Segmentation: the class names, index 0 first (their count sets the classes); null: `model.num_classes` or the training masks' largest value + 1."""
     image_size: int = 224
     """Side of the square crop fed to the model."""
@@ -50,7 +51,6 @@ class DataConfig:
     """DataLoader worker processes per rank."""
 
     def validate(self) -> None:
-        _choice("data.source", self.source, ("imagefolder", "disk", "hub"))
         if self.path is None:
             raise UserError(
                 "data.path is not set; give the image folder, saved dataset or Hub name, e.g. data.path=./my_images"
@@ -101,7 +101,7 @@ class TrainConfig:
     """Global batch for evaluation; null: `batch_size`."""
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step."""
-    mixed_precision: str = "no"
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     """`no`, `fp16` (CUDA only, with loss scaling) or `bf16`."""
     max_grad_norm: float | None = None
     """Clip the global gradient norm to this value; null: no clipping."""
@@ -114,7 +114,6 @@ class TrainConfig:
         _positive("train.grad_accum", self.grad_accum)
         if self.eval_batch_size is not None:
             _positive("train.eval_batch_size", self.eval_batch_size)
-        _choice("train.mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise UserError(f"train.max_grad_norm={self.max_grad_norm} must be positive (or null for no clipping)")
         if self.max_steps is not None:
@@ -128,7 +127,7 @@ class TrainConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"
+    name: Literal["sgd", "adamw"] = "sgd"
     """`sgd` or `adamw`."""
     lr: float = 0.01
     """Learning rate of the backbone (and of everything when `head_lr` is null)."""
@@ -136,7 +135,7 @@ class OptimConfig:
     """Learning rate of the new head; null: `lr`."""
     momentum: float = 0.9
     """SGD momentum."""
-    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     """AdamW betas."""
     weight_decay: float = 0.0
     """Weight decay (decoupled for AdamW)."""
@@ -146,7 +145,6 @@ class OptimConfig:
     """Layer-wise lr decay in (0, 1]: a backbone block at depth d from the head gets lr x layer_decay^d."""
 
     def validate(self) -> None:
-        _choice("optim.name", self.name, ("sgd", "adamw"))
         if self.lr < 0:
             raise UserError(f"optim.lr={self.lr} is negative; use a learning rate >= 0")
         if self.head_lr is not None and self.head_lr < 0:
@@ -163,7 +161,7 @@ class OptimConfig:
 class ScheduleConfig:
     name: str = "constant"
     """`constant`, `step_decay` (lr x gamma^(epoch // every)) or any `torch.optim.lr_scheduler` class name (`CosineAnnealingLR`, `OneCycleLR`, `ReduceLROnPlateau`, ...)."""
-    interval: str = "step"
+    interval: Literal["step", "epoch"] = "step"
     """Step a torch scheduler every optimizer `step` or every `epoch`."""
     warmup_steps: int = 0
     """Linear warmup over this many optimizer steps: step s < W uses start_lr x (s+1)/(W+1); the schedule's own step 0 is optimizer step W."""
@@ -173,13 +171,12 @@ class ScheduleConfig:
     """`step_decay`: decay every this many epochs (counted after warmup)."""
     gamma: float = 0.1
     """`step_decay`: multiplicative decay."""
-    args: dict = field(default_factory=dict)
+    args: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of the torch scheduler (e.g. `{T_max: 1000}`); lengths are counted in `interval` units."""
     monitor: str = "val/loss"
     """`ReduceLROnPlateau`: the validation metric it watches."""
 
     def validate(self) -> None:
-        _choice("schedule.interval", self.interval, ("step", "epoch"))
         if self.warmup_steps < 0 or self.warmup_epochs < 0:
             raise UserError("schedule.warmup_steps and schedule.warmup_epochs must be >= 0")
         _positive("schedule.every", self.every)
@@ -189,7 +186,7 @@ class ScheduleConfig:
 class LossConfig:
     name: str = "cross_entropy"
     """`cross_entropy`, `dice`, `dice_bce`, `iou`, `focal`, `tversky`, or your own as `package.module:Name` (a function or an nn.Module class)."""
-    mode: str | None = None
+    mode: Literal["binary", "multilabel", "multiclass"] | None = None
     """`binary`, `multilabel` or `multiclass`; null: from the labels (`multiclass` for class indices)."""
     label_smoothing: float = 0.0
     """Cross-entropy label smoothing."""
@@ -205,16 +202,14 @@ class LossConfig:
     """Dice / IoU / Tversky per image then averaged, instead of over the whole global batch."""
     ignore_index: int | None = None
     """Target value excluded from the loss (and, for segmentation, from the metrics); masks in the VOC convention mark borders / unlabelled pixels with 255."""
-    class_weights: list | None = None
+    class_weights: list[float] | None = None
     """Per-class weights, where the loss supports them."""
     sync: bool = True
     """Reduce loss statistics across ranks, so the loss on N ranks equals the loss on 1."""
-    args: dict = field(default_factory=dict)
+    args: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for a user loss."""
 
     def validate(self) -> None:
-        if self.mode is not None:
-            _choice("loss.mode", self.mode, ("binary", "multilabel", "multiclass"))
         _range("loss.label_smoothing", self.label_smoothing, 0.0, 1.0, high_open=True)
 
 
@@ -237,7 +232,7 @@ class CheckpointConfig:
 
 @dataclass
 class LogConfig:
-    report_to: str = "none"
+    report_to: Literal["none", "wandb", "tensorboard"] = "none"
     """`none`, `wandb` (offline unless logged in) or `tensorboard`; `metrics.jsonl` is always written."""
     every_n_steps: int = 10
     """Log the training loss every this many optimizer steps."""
@@ -249,7 +244,6 @@ class LogConfig:
     """tqdm bar on the main process."""
 
     def validate(self) -> None:
-        _choice("log.report_to", self.report_to, ("none", "wandb", "tensorboard"))
         _positive("log.every_n_steps", self.every_n_steps)
 
 
@@ -259,7 +253,7 @@ class Config:
     """Where config.yaml, metrics.jsonl, summary.json, checkpoints/ and final/ go."""
     seed: int = 0
     """Seeds weights, the data order, the validation split and augmentation."""
-    task: str = "classification"
+    task: Literal["classification", "binary", "multilabel", "segmentation"] = "classification"
     """`classification` (one label per image), `binary` (one logit), `multilabel` (multi-hot labels), `segmentation` (a class per pixel, from a mask)."""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -271,7 +265,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
 
     def validate(self) -> None:
-        _choice("task", self.task, ("classification", "binary", "multilabel", "segmentation"))
+        _check_types(self, "")
         if self.seed < 0:
             raise UserError(f"seed={self.seed} is negative; use a seed >= 0")
         for f in dataclasses.fields(self):
@@ -306,9 +300,16 @@ class Config:
 # --------------------------------------------------------------------------- checks
 
 
-def _choice(key: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise UserError(f"{key}={value!r} is not one of {', '.join(choices)}")
+def _check_types(obj, prefix: str) -> None:
+    """Every field of a config section (and its sub-sections) against its type: the one check of
+    choices (`Literal`), numbers and lists, whether the section came from YAML or was built in code."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_types(value, f"{prefix}{f.name}.")
+        else:
+            setattr(obj, f.name, _coerce(prefix + f.name, value, hints[f.name]))
 
 
 def _positive(key: str, value: Any) -> None:
@@ -326,10 +327,6 @@ def _range(key, value, low, high, low_open=False, high_open=False) -> None:
 # --------------------------------------------------------------------------- parsing
 
 
-def _field_types(cls) -> dict:
-    return typing.get_type_hints(cls)
-
-
 def _unwrap_optional(tp):
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -340,44 +337,55 @@ def _unwrap_optional(tp):
 
 def _type_name(tp) -> str:
     inner, optional = _unwrap_optional(tp)
-    name = getattr(inner, "__name__", str(inner))
+    if typing.get_origin(inner) is Literal:
+        name = "one of " + ", ".join(str(a) for a in typing.get_args(inner))
+    else:
+        name = str(inner).replace("typing.", "") if typing.get_args(inner) else getattr(inner, "__name__", str(inner))
     return f"{name} or null" if optional else name
 
 
+def _scalar(value: Any, tp) -> tuple[bool, Any]:
+    """(fits, value converted) for bool / int / float / str / Any."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
+        return number, float(value) if number else value
+    if tp is str:
+        return isinstance(value, str) or number, value if isinstance(value, str) else str(value)
+    return True, value  # Any
+
+
 def _coerce(key: str, value: Any, tp) -> Any:
-    """Check (and lightly convert) one value against a field type."""
+    """Check (and lightly convert) one value against a field type: scalars, Literal choices,
+    list[T] and dict[str, Any], each optionally `| None`."""
     inner, optional = _unwrap_optional(tp)
     if value is None:
         if optional:
             return None
         raise UserError(f"{key} cannot be null; give a {_type_name(tp)}")
-    if inner is bool:
-        if isinstance(value, bool):
+    origin, args = typing.get_origin(inner), typing.get_args(inner)
+    if origin is Literal:
+        if value in args and type(value) is type(args[args.index(value)]):
             return value
-    elif inner is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif inner is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif inner is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-    elif inner is list:
+        raise UserError(f"{key}={value!r} is not one of {', '.join(str(a) for a in args)}")
+    if origin is list:
         if isinstance(value, list):
-            return value
-    elif inner is dict:
+            return [_coerce(f"{key}[{i}]", item, args[0]) for i, item in enumerate(value)]
+    elif origin is dict:
         if isinstance(value, dict):
             return value
     else:
-        return value
+        fits, converted = _scalar(value, inner)
+        if fits:
+            return converted
     raise UserError(f"{key}={value!r} has the wrong type; expected {_type_name(tp)}")
 
 
@@ -390,7 +398,7 @@ def _unknown_key(key: str, valid: list[str]) -> UserError:
 def _build(cls, values: dict, prefix: str = ""):
     if not isinstance(values, dict):
         raise UserError(f"{prefix.rstrip('.') or 'config'} must be a mapping of keys, got {values!r}")
-    hints = _field_types(cls)
+    hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in values.items():
@@ -430,7 +438,7 @@ def _validate_key_path(dotted: str) -> None:
     cls = Config
     parts = dotted.split(".")
     for i, part in enumerate(parts):
-        hints = _field_types(cls)
+        hints = typing.get_type_hints(cls)
         if part not in hints:
             prefix = ".".join(parts[:i])
             names = [f.name for f in dataclasses.fields(cls)]
@@ -467,7 +475,7 @@ def load_yaml(path: str | Path) -> dict:
 
 
 def config_from_dict(values: dict, overrides: list[str] | tuple = ()) -> Config:
-    tree = _deepcopy(values)
+    tree = copy.deepcopy(values)
     for text in overrides:
         key, value = parse_override(text)
         _validate_key_path(key)
@@ -482,18 +490,8 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple = ()) -> C
     return config_from_dict(values, overrides)
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(dump_config(cfg))
-
-
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-
-
-def _deepcopy(values):
-    import copy
-
-    return copy.deepcopy(values)
 
 
 def reference_rows() -> list[tuple[str, str, str]]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .images import mask_array
 
 _VAL_NAMES = ("validation", "val", "valid", "test")
@@ -78,7 +78,7 @@ def _load_raw(data_cfg):
         raise
     except (ConnectionError, OSError, ValueError) as exc:
         if source == "hub":
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            first = first_line(exc)
             raise UserError(
                 f"could not load data.path={path!r} from the Hugging Face Hub ({first[:200]}); "
                 "check the name and the network, or download it and use data.source=disk"

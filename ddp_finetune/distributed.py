@@ -6,7 +6,6 @@ Nothing else in the package reads `RANK`/`WORLD_SIZE` or all-reduces by hand.
 from __future__ import annotations
 
 import os
-import sys
 
 import torch
 import torch.distributed as dist
@@ -88,11 +87,6 @@ def print0(*args, **kwargs) -> None:
     """Print on the main process only."""
     if is_main_process():
         print(*args, **kwargs, flush=True)
-
-
-def warn0(message: str) -> None:
-    if is_main_process():
-        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def sum_across_ranks(tensor: torch.Tensor) -> torch.Tensor:

@@ -10,3 +10,9 @@ class UserError(Exception):
 
 
 EXIT_USER_ERROR = 2
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (or its type's name), to quote inside a UserError."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -193,10 +193,6 @@ class Schedule:
         for g, lr in zip(self.optimizer.param_groups, lrs):
             g["lr"] = lr
 
-    def lrs(self) -> list[float]:
-        """The lr of each group for the next optimizer step."""
-        return [float(g["lr"]) for g in self.optimizer.param_groups]
-
     def step(self) -> None:
         """Call after each optimizer step that really happened."""
         self.steps += 1

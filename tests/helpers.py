@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -111,20 +112,28 @@ def read_summary(run_dir) -> dict:
     return json.loads((Path(run_dir) / "summary.json").read_text())
 
 
-def fit_in_process(config_path, *overrides) -> dict:
-    """Run `fit` in this process (faster than a subprocess), with Accelerate's singletons reset."""
+@contextlib.contextmanager
+def fresh_accelerate():
+    """Accelerate keeps process-wide singletons (AcceleratorState, GradientState): reset them around
+    an in-process run so each test builds its Accelerator from scratch."""
     from accelerate.state import AcceleratorState, GradientState
-
-    from ddp_finetune.config import load_config
-    from ddp_finetune.train import fit
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     try:
-        return fit(load_config(config_path, list(overrides)))
+        yield
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
+
+
+def fit_in_process(config_path, *overrides) -> dict:
+    """Run `fit` in this process (faster than a subprocess), with Accelerate's singletons reset."""
+    from ddp_finetune.config import load_config
+    from ddp_finetune.train import fit
+
+    with fresh_accelerate():
+        return fit(load_config(config_path, list(overrides)))
 
 
 def datasets_of(cfg):

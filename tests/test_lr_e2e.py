@@ -15,6 +15,7 @@ import torch
 from datagen import make_image_folder
 from helpers import (
     fit_in_process,
+    fresh_accelerate,
     launch_2proc,
     load_weights,
     max_abs_diff,
@@ -301,17 +302,12 @@ def _one_error_line(code: int, err: str, named: str) -> None:
 def test_bad_schedule_input_is_one_line_exit_2(tmp_path, image_folder, capsys, override, named):
     """Through the CLI's `main` in this process (the scheduler errors come from `setup`, after
     the data and the model are built)."""
-    from accelerate.state import AcceleratorState, GradientState
-
     from ddp_finetune.cli import main
 
     config = _bad_config(tmp_path, image_folder)
     capsys.readouterr()
-    try:
+    with fresh_accelerate():
         code = main(["train", str(config), override])
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
     _one_error_line(code, capsys.readouterr().err, named)
     assert not (tmp_path / "run" / "summary.json").exists()
 
