@@ -107,6 +107,10 @@ class TrainConfig:
     """Clip the global gradient norm to this value; null: no clipping."""
     max_steps: int | None = None
     """Stop after this many optimizer steps (null: run all epochs). Schedules still span `epochs`."""
+    check_every_n_steps: int = 8
+    """Every this many optimizer steps the ranks agree on a stop request and read the device-side checks (bad labels, non-finite steps): with logging, checkpoints and evaluation, the only times the loop waits for the device."""
+    max_nonfinite_steps: int = 5
+    """Stop with an error (exit 2) once this many optimizer steps in a row had non-finite gradients; each such step is skipped, the weights untouched."""
 
     def validate(self) -> None:
         _positive("train.epochs", self.epochs)
@@ -118,6 +122,8 @@ class TrainConfig:
             raise UserError(f"train.max_grad_norm={self.max_grad_norm} must be positive (or null for no clipping)")
         if self.max_steps is not None:
             _positive("train.max_steps", self.max_steps)
+        _positive("train.check_every_n_steps", self.check_every_n_steps)
+        _positive("train.max_nonfinite_steps", self.max_nonfinite_steps)
         if self.batch_size % self.grad_accum:
             raise UserError(
                 f"train.batch_size={self.batch_size} does not divide by train.grad_accum={self.grad_accum}; "

@@ -208,15 +208,27 @@ def build_param_groups(model: nn.Module, head_prefixes: list[str], optim_cfg) ->
     return groups
 
 
-def make_optimizer(groups: list[dict], optim_cfg) -> torch.optim.Optimizer:
-    """SGD (with `optim.momentum`) or AdamW (with `optim.betas`); lr and weight decay come per group."""
+def make_optimizer(groups: list[dict], optim_cfg, fused: bool = False) -> torch.optim.Optimizer:
+    """SGD (with `optim.momentum`) or AdamW (with `optim.betas`); lr and weight decay come per group.
+
+    `fused=True`: torch's fused kernels (CPU and CUDA), which can skip a step on the device when
+    handed `found_inf` (guards.NonFiniteGuard). SGD's momentum buffers then start at zero rather
+    than at the first gradient, so a skipped first step leaves no uninitialized buffer behind; with
+    dampening 0 the first real step gives the same buffer (0.9 x 0 + g = g).
+    """
     if optim_cfg.name == "sgd":
-        return torch.optim.SGD(
-            groups, lr=optim_cfg.lr, momentum=optim_cfg.momentum, weight_decay=optim_cfg.weight_decay
+        optimizer = torch.optim.SGD(
+            groups, lr=optim_cfg.lr, momentum=optim_cfg.momentum, weight_decay=optim_cfg.weight_decay, fused=fused
         )
+        if fused and optim_cfg.momentum:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if p.requires_grad:  # a backbone frozen for the whole run never steps
+                        optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return optimizer
     if optim_cfg.name == "adamw":
         return torch.optim.AdamW(
-            groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), weight_decay=optim_cfg.weight_decay
+            groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), weight_decay=optim_cfg.weight_decay, fused=fused
         )
     raise UserError(f"optim.name={optim_cfg.name!r} is not one of sgd, adamw")
 

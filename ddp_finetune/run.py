@@ -22,6 +22,7 @@ from .config import Config, dump_config
 from .data import Classes, Splits, decide_classes, load_splits
 from .datasets import build_datasets
 from .errors import UserError
+from .guards import NonFiniteGuard
 from .loaders import EpochSampler, build_loaders
 from .losses import build_loss
 from .models import build_model, check_model_name, head_prefixes
@@ -63,6 +64,7 @@ class Run:
     frozen_params: list[nn.Parameter]  # backbone params whose grads are dropped while frozen until an epoch
     dynamic_freeze: bool  # freeze_backbone with unfreeze_at_epoch
     load_report: dict  # what build_model loaded (weights, missing / unexpected keys)
+    guard: NonFiniteGuard  # skips non-finite steps on the device, checked every check_every_n_steps
     steps_per_epoch: int
     aux_weight: float
 
@@ -115,7 +117,10 @@ def build_run(cfg: Config) -> Run:
     if uses_static_freeze(cfg.model):
         apply_static_freeze(model, heads)
     groups = build_param_groups(model, heads, cfg.optim)
-    optimizer = make_optimizer(groups, cfg.optim)
+    # fused kernels skip a non-finite step on the device; under fp16 the GradScaler skips instead
+    # (Accelerate tells which steps it skipped, so the schedule does not advance on them)
+    on_device = cfg.train.mixed_precision != "fp16"
+    optimizer = make_optimizer(groups, cfg.optim, fused=on_device)
     steps_per_epoch = len(train_set) // cfg.train.batch_size
     schedule = build_schedule(cfg.schedule, optimizer, steps_per_epoch, cfg.train.epochs)
     loss_fn = build_loss(cfg.loss, cfg.task, classes.outputs)
@@ -144,6 +149,7 @@ def build_run(cfg: Config) -> Run:
         frozen_params=backbone_params(model, heads) if dynamic_freeze else [],
         dynamic_freeze=dynamic_freeze,
         load_report=report,
+        guard=NonFiniteGuard(accelerator.device, cfg.train.max_nonfinite_steps, on_device=on_device),
         steps_per_epoch=steps_per_epoch,
         aux_weight=SEGMENTATION_AUX_LOSS_WEIGHT if cfg.task == "segmentation" else AUX_LOSS_WEIGHT,
     )

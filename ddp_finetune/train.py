@@ -3,8 +3,9 @@
     summary = fit(load_config("my_run.yaml"))
 
 An epoch is a short loop over named steps: take the step's `grad_accum` micro-batches,
-`optimizer_step` (forward, backward, clip, update), `after_optimizer_step` (schedule, logging),
-`checkpoint_or_stop`. Same config, same training at every world size: the global batch is split
+`optimizer_step` (forward, backward, clip, update), `count_step` (schedule), and on check steps
+only — every `train.check_every_n_steps`, log, checkpoint and epoch-end step — the device-side
+checks, `log_train` and `checkpoint_or_stop`. Other steps never wait for the device. Same config, same training at every world size: the global batch is split
 across ranks, the data order and augmentation do not depend on the rank, losses and metrics are
 global, and the schedule advances once per real optimizer step.
 """
@@ -25,6 +26,7 @@ from . import distributed as dist_utils
 from .config import Config, dump_config
 from .errors import UserError
 from .evaluate import evaluate
+from .guards import all_finite
 from .models import split_outputs
 from .param_groups import backbone_frozen, clear_grads, lr_log, set_bn_eval
 from .preemption import EXIT_PREEMPTED, PREEMPTED_FILE, StopWatcher
@@ -80,8 +82,10 @@ def optimizer_step(run: Run, micro_batches: list, frozen_now: bool, window: Wind
 
     Gradients are summed over the micro-batches (each loss divided by their number, so the step
     follows the mean loss of the global batch); DDP all-reduces them once, on the last backward.
+    A step whose gradients are not finite is skipped on the device (`run.guard`).
     """
     a, k = run.accelerator, len(micro_batches)
+    step_loss = torch.zeros((), dtype=torch.float64, device=a.device)
     for i, (x, y) in enumerate(micro_batches):
         # DDP all-reduces the gradients on the last micro-batch's backward only
         with a.no_sync(run.model) if i < k - 1 else contextlib.nullcontext():
@@ -89,35 +93,55 @@ def optimizer_step(run: Run, micro_batches: list, frozen_now: bool, window: Wind
             a.backward(loss / k)
         window.sums[0] += loss.detach().double() * x.shape[0]
         window.sums[1] += x.shape[0]
+        step_loss += loss.detach().double() / k
     if frozen_now:
         clear_grads(run.frozen_params)
+    grad_norm = None
     if run.cfg.train.max_grad_norm:
-        a.clip_grad_norm_(run.model.parameters(), run.cfg.train.max_grad_norm)
+        grad_norm = a.clip_grad_norm_(run.model.parameters(), run.cfg.train.max_grad_norm)
+    grads = [p.grad for p in run.model.parameters() if p.grad is not None]
+    run.guard.before_update(run.raw_optimizer, grads, grad_norm, step_loss)
     run.optimizer.step()
+    run.guard.after_update(run.raw_optimizer, skipped_by_scaler=a.optimizer_step_was_skipped)
     run.optimizer.zero_grad(set_to_none=True)
 
 
-def after_optimizer_step(run: Run, progress: Progress, log: MetricsLog, window: Window, bar) -> None:
-    """Count the step, advance the schedule (unless fp16 loss scaling skipped the step), log."""
-    a, cfg = run.accelerator, run.cfg
+def count_step(run: Run, progress: Progress, window: Window) -> dict | None:
+    """Count the step and advance the schedule (unless fp16 loss scaling skipped the step).
+    Returns the lrs this step used when it is a log step (index s of lr_plot.simulate_lrs)."""
+    cfg = run.cfg
     progress.step += 1
     progress.step_in_epoch += 1
     window.images += cfg.train.batch_size
-    skipped = a.optimizer_step_was_skipped
-    log_now = progress.step % cfg.log.every_n_steps == 0
-    # log the lr this step used (index s of lr_plot.simulate_lrs), not the next step's
-    step_lrs = lr_log(run.raw_optimizer) if log_now else None
-    if not skipped:
+    step_lrs = lr_log(run.raw_optimizer) if progress.step % cfg.log.every_n_steps == 0 else None
+    if not run.accelerator.optimizer_step_was_skipped:
         run.schedule.step()
-    if not log_now:
-        return
-    total = dist_utils.sum_across_ranks(window.sums)  # sums and counts, then divide
+    return step_lrs
+
+
+def is_check_step(run: Run, progress: Progress) -> bool:
+    """Steps where the loop may wait for the device: checks, logging, checkpoints, the epoch's end."""
+    cfg, s = run.cfg, progress.step
+    return (
+        s % cfg.train.check_every_n_steps == 0
+        or s % cfg.log.every_n_steps == 0
+        or bool(cfg.checkpoint.every_n_steps and s % cfg.checkpoint.every_n_steps == 0)
+        or progress.step_in_epoch >= run.steps_per_epoch
+        or bool(cfg.train.max_steps and s >= cfg.train.max_steps)
+    )
+
+
+def log_train(run: Run, progress: Progress, log: MetricsLog, window: Window, step_lrs: dict, health: dict, bar):
+    """One train record: the global mean loss since the last one (sums and counts over ranks), lrs, speed."""
+    total = dist_utils.sum_across_ranks(window.sums)
     elapsed = time.perf_counter() - window.start
     record = {"step": progress.step, "epoch": progress.epoch, "split": "train", "loss": (total[0] / total[1]).item()}
     record.update(step_lrs)
     record["images_per_second"] = window.images / max(elapsed, 1e-9)
-    if skipped:
+    if run.accelerator.optimizer_step_was_skipped:
         record["skipped_step"] = True
+    if health.get("nonfinite_steps"):
+        record["nonfinite_steps"] = health["nonfinite_steps"]
     log.log(record)
     if bar is not None:
         lr = next(iter(step_lrs.values()))
@@ -126,7 +150,9 @@ def after_optimizer_step(run: Run, progress: Progress, log: MetricsLog, window: 
 
 
 def checkpoint_or_stop(run: Run, progress: Progress, watcher: StopWatcher) -> None:
-    """Save on `checkpoint.every_n_steps`; on a stop request save, write preempted.json and raise Preempted."""
+    """Save on `checkpoint.every_n_steps`; on a stop request save, write preempted.json and raise Preempted.
+
+    Called on check steps only: the ranks agree on a stop every `train.check_every_n_steps` steps."""
     a, cfg = run.accelerator, run.cfg
     if cfg.checkpoint.every_n_steps and progress.step % cfg.checkpoint.every_n_steps == 0:
         save(run, progress)
@@ -187,17 +213,29 @@ def train_one_epoch(run: Run, progress: Progress, log: MetricsLog, watcher: Stop
     window = Window.on(run.accelerator.device)
     for micro_batches in grouped(loader, cfg.train.grad_accum):
         optimizer_step(run, micro_batches, frozen_now, window)
-        after_optimizer_step(run, progress, log, window, bar)
+        step_lrs = count_step(run, progress, window)
+        if is_check_step(run, progress):
+            health = run.guard.check(progress.step)
+            if step_lrs is not None:
+                log_train(run, progress, log, window, step_lrs, health, bar)
+            checkpoint_or_stop(run, progress, watcher)
         if bar is not None:
             bar.update(1)
-        checkpoint_or_stop(run, progress, watcher)
         if cfg.train.max_steps and progress.step >= cfg.train.max_steps:
             return False
     return True
 
 
 def save(run: Run, progress: Progress) -> Path:
+    """A resumable checkpoint of the run at `progress`; never one with NaN or inf weights."""
     cfg = run.cfg
+    if not all_finite(run.model):
+        newest = ckpt.latest_checkpoint(cfg.output_dir)
+        kept = f"the newest good checkpoint is {newest}" if newest else "no checkpoint was written"
+        raise UserError(
+            f"the weights or BatchNorm statistics hold NaN or inf at step {progress.step}; not saving them ({kept}): "
+            "lower optim.lr, set train.max_grad_norm, or check the data and the loss"
+        )
     state = dataclasses.asdict(progress)
     return ckpt.save_checkpoint(
         run.accelerator, cfg.output_dir, progress.step, state, dump_config(cfg), cfg.checkpoint.keep_last
@@ -272,6 +310,11 @@ def fit(cfg: Config) -> dict:
         watcher.uninstall()
         if bar is not None:
             bar.close()
+    if not all_finite(run.model):
+        raise UserError(
+            f"the final weights hold NaN or inf (step {progress.step}); final/ was not written: lower optim.lr, "
+            "set train.max_grad_norm, or check the data and the loss"
+        )
     weights = ckpt.save_final_weights(a, run.model, cfg.output_dir)
     images = (progress.step - steps_before) * cfg.train.batch_size
     summary = {
