@@ -49,8 +49,22 @@ def build_loaders(cfg, train_ds, val_ds):
         )
     sampler = EpochSampler(len(train_ds), cfg.train.batch_size, cfg.seed)
     workers = cfg.data.num_workers
-    train_dl = DataLoader(train_ds, batch_size=micro, sampler=sampler, drop_last=True, num_workers=workers)
+    # Each loader has a generator of its own: making an iterator draws the workers' base seed from
+    # it, and from torch's global RNG otherwise, which would shift the dropout masks of a resumed
+    # run (it makes one iterator more than an uninterrupted run) away from the uninterrupted one.
+    train_dl = DataLoader(
+        train_ds,
+        batch_size=micro,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=workers,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
     val_dl = DataLoader(
-        val_ds, batch_size=cfg.train.eval_batch_size or cfg.train.batch_size, shuffle=False, num_workers=workers
+        val_ds,
+        batch_size=cfg.train.eval_batch_size or cfg.train.batch_size,
+        shuffle=False,
+        num_workers=workers,
+        generator=torch.Generator().manual_seed(cfg.seed),
     )
     return train_dl, val_dl, sampler
