@@ -93,7 +93,8 @@ def save_final_weights(accelerator, model, output_dir) -> Path:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.save_model(model, str(tmp), safe_serialization=True)
+        # torch.compile's wrapper would prefix every key with `_orig_mod.`: save the model it wraps
+        accelerator.save_model(getattr(model, "_orig_mod", model), str(tmp), safe_serialization=True)
         _swap_into_place(tmp, final)
     accelerator.wait_for_everyone()
     return final / "model.safetensors"

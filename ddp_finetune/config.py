@@ -81,6 +81,8 @@ class ModelConfig:
     """Train only the head (feature extraction); the backbone's weights and BatchNorm statistics stay fixed."""
     unfreeze_at_epoch: int | None = None
     """With `freeze_backbone`: the epoch (0-based) from which the backbone trains too (gradual unfreezing)."""
+    sync_bn: bool = False
+    """Turn BatchNorm into SyncBatchNorm (CUDA only): statistics of the global batch, the same training at every world size for models that train their BatchNorm. On a CPU use `freeze_bn`."""
 
     def validate(self) -> None:
         if self.num_classes is not None:
@@ -109,6 +111,10 @@ class TrainConfig:
     """Stop after this many optimizer steps (null: run all epochs). Schedules still span `epochs`."""
     check_every_n_steps: int = 8
     """Every this many optimizer steps the ranks agree on a stop request and read the device-side checks (bad labels, non-finite steps): with logging, checkpoints and evaluation, the only times the loop waits for the device."""
+    compile: bool = False
+    """Run the model through `torch.compile` (faster steps after a compilation of a minute or more)."""
+    deterministic: bool = False
+    """Deterministic algorithms (bit-identical reruns on the same GPU, slower); false: TF32 and cuDNN autotuning on CUDA."""
     max_nonfinite_steps: int = 5
     """Stop with an error (exit 2) once this many optimizer steps in a row had non-finite gradients; each such step is skipped, the weights untouched."""
 

@@ -18,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from . import distributed as dist_utils
+from . import performance
 from .config import Config, dump_config
 from .data import Classes, Splits, decide_classes, load_splits
 from .datasets import build_datasets
@@ -91,6 +92,10 @@ def build_run(cfg: Config) -> Run:
         cfg.train.mixed_precision, log_with=log_with(cfg), project_dir=cfg.output_dir
     )
     check_batch_sizes(cfg, accelerator.num_processes)
+    device_type = accelerator.device.type
+    performance.configure_backends(device_type == "cuda", cfg.train.deterministic)
+    if cfg.train.compile:
+        performance.check_compile(device_type)  # before any data is loaded
     check_model_name(cfg.model.name, cfg.task)  # before loading any data
     if accelerator.is_main_process:
         out = Path(cfg.output_dir)
@@ -110,6 +115,8 @@ def build_run(cfg: Config) -> Run:
     train_set, val_set = build_datasets(cfg, splits, classes, *norm)
     train_loader, val_loader, sampler = build_loaders(cfg, train_set, val_set)
 
+    # SyncBatchNorm and channels_last before the optimizer exists: its state takes the params' layout
+    model = performance.convert_model(model, cfg.model.sync_bn, device_type, accelerator.num_processes)
     heads = head_prefixes(model)
     # frozen for the whole run: requires_grad=False before DDP wraps the model (saves compute);
     # frozen until an epoch: grads are dropped each step instead, so DDP registers every param
@@ -127,6 +134,8 @@ def build_run(cfg: Config) -> Run:
     eval_loss_fn = build_loss(dataclasses.replace(cfg.loss, sync=False), cfg.task, classes.outputs)
 
     model, prepared_opt, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    if cfg.train.compile:
+        model = performance.compile_model(model, device_type)
     accelerator.register_for_checkpointing(schedule)
     return Run(
         cfg=cfg,

@@ -1,0 +1,83 @@
+"""How the model runs on the hardware: TF32 and cuDNN autotuning, channels_last, SyncBatchNorm,
+torch.compile. Each is refused with one line where it cannot work.
+
+    configure_backends(cuda, cfg.train.deterministic)              # once, before building anything
+    model = convert_model(model, cfg, device_type, num_processes)    # before accelerator.prepare
+    model = compile_model(prepared_model, cfg, device_type)          # after it
+
+- On CUDA, TF32 matmuls and convolutions and `cudnn.benchmark` are on (what torchvision's
+  references and timm do for speed); `train.deterministic: true` turns them off and asks torch for
+  deterministic algorithms instead (bit-identical reruns on the same GPU, slower).
+- Conv nets use channels_last on CUDA (inputs are converted by `transforms.DeviceInput`'s caller).
+- `model.sync_bn: true` turns BatchNorm into SyncBatchNorm on CUDA, so BatchNorm statistics are
+  those of the global batch and BatchNorm-training models keep the world-size promise on GPUs
+  (`--sync-bn` in torchvision's references and timm). SyncBatchNorm needs CUDA: on a CPU it is an
+  error pointing to `model.freeze_bn`, the CPU way to the same promise.
+- `train.compile: true` wraps the prepared model in `torch.compile` (after DDP, as Accelerate does).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+
+def configure_backends(cuda: bool, deterministic: bool) -> None:
+    """Process-wide switches, set both ways so an earlier run in the same process leaves nothing behind."""
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    if cuda:
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cudnn.deterministic = deterministic
+        torch.backends.cuda.matmul.allow_tf32 = not deterministic
+        torch.backends.cudnn.allow_tf32 = not deterministic
+
+
+def is_conv_net(model: nn.Module) -> bool:
+    """Whether most of the model's compute is convolutions (channels_last helps those)."""
+    convs = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d))
+    total = sum(p.numel() for p in model.parameters())
+    return total > 0 and convs >= 0.2 * total
+
+
+def convert_model(model: nn.Module, sync_bn: bool, device_type: str, num_processes: int) -> nn.Module:
+    """SyncBatchNorm (model.sync_bn) and channels_last, before the model is wrapped."""
+    if sync_bn:
+        if device_type != "cuda":
+            raise UserError(
+                "model.sync_bn=true needs CUDA (torch's SyncBatchNorm only runs on GPUs); on a CPU set "
+                "model.freeze_bn=true for the same training at every world size, or model.sync_bn=false"
+            )
+        if num_processes > 1:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if device_type == "cuda" and is_conv_net(model):
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def channels_last(device_type: str, model: nn.Module) -> bool:
+    """Whether inputs should be channels_last (the model was converted by `convert_model`)."""
+    return device_type == "cuda" and is_conv_net(model)
+
+
+def check_compile(device_type: str) -> None:
+    """One line when torch.compile cannot work here."""
+    if not torch._dynamo.is_dynamo_supported():
+        raise UserError(
+            f"train.compile=true: torch.compile does not support Python {sys.version_info.major}."
+            f"{sys.version_info.minor} with torch {torch.__version__}; set train.compile=false"
+        )
+    if device_type == "cpu" and not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
+        raise UserError(
+            "train.compile=true on a CPU needs a C++ compiler (g++ or clang++) on PATH for torch.compile's "
+            "code generation; install one (e.g. apt-get install g++) or set train.compile=false"
+        )
+
+
+def compile_model(model: nn.Module, device_type: str) -> nn.Module:
+    check_compile(device_type)
+    return torch.compile(model)

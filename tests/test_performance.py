@@ -1,0 +1,80 @@
+"""How the model runs on the hardware: channels_last, SyncBatchNorm, torch.compile, TF32 switches.
+
+The CUDA variants are the same tests with device "cuda" (skipped without a GPU), so the CPU runs
+keep their code paths alive."""
+
+import pytest
+import torch
+import torchvision
+from helpers import fit_in_process, load_weights, max_abs_diff, run_cli, tiny_config
+
+from ddp_finetune import performance
+from ddp_finetune.errors import UserError
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+DEVICES = ["cpu", pytest.param("cuda", marks=[gpu, pytest.mark.gpu])]
+
+
+def test_conv_nets_are_told_apart_from_transformers():
+    assert performance.is_conv_net(torchvision.models.resnet18())
+    assert performance.is_conv_net(torchvision.models.mobilenet_v3_small())
+    assert not performance.is_conv_net(torchvision.models.vit_b_16())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_channels_last_only_for_conv_nets_on_cuda(device):
+    model = performance.convert_model(torchvision.models.resnet18().to(device), False, device, 1)
+    conv = model.conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) == (device == "cuda")
+    assert performance.channels_last(device, model) == (device == "cuda")
+    vit = performance.convert_model(torchvision.models.vit_b_16().to(device), False, device, 1)
+    assert not performance.channels_last(device, vit)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sync_bn_needs_cuda_and_several_processes(device):
+    model = torchvision.models.resnet18().to(device)
+    if device == "cpu":
+        with pytest.raises(UserError, match="model.freeze_bn=true"):
+            performance.convert_model(model, True, device, 2)
+        return
+    converted = performance.convert_model(model, True, device, 2)
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in converted.modules())
+    # one process: nothing to synchronize, plain BatchNorm stays
+    single = performance.convert_model(torchvision.models.resnet18().to(device), True, device, 1)
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in single.modules())
+
+
+def test_sync_bn_on_cpu_is_one_line_exit_2(tmp_path, image_folder):
+    proc = run_cli("train", tiny_config(tmp_path, image_folder), "model.sync_bn=true", check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "model.freeze_bn" in lines[0], proc.stderr[-2000:]
+
+
+def test_deterministic_switch_is_set_both_ways():
+    try:
+        performance.configure_backends(cuda=False, deterministic=True)
+        assert torch.are_deterministic_algorithms_enabled()
+        performance.configure_backends(cuda=False, deterministic=False)
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_compile_without_a_compiler_is_one_line(monkeypatch):
+    monkeypatch.setattr(performance.shutil, "which", lambda name: None)
+    with pytest.raises(UserError, match="C\\+\\+ compiler"):
+        performance.check_compile("cpu")
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path, image_folder):
+    """torch.compile (inductor, CPU code generation) trains the same model as eager, up to kernel rounding."""
+    sections = dict(model={"name": "mobilenet_v3_small", "freeze_bn": True}, train={"epochs": 1})
+    fit_in_process(tiny_config(tmp_path / "eager", image_folder, **sections), "train.max_steps=2")
+    fit_in_process(
+        tiny_config(tmp_path / "compiled", image_folder, **sections), "train.max_steps=2", "train.compile=true"
+    )
+    eager, compiled = load_weights(tmp_path / "eager" / "run"), load_weights(tmp_path / "compiled" / "run")
+    assert eager.keys() == compiled.keys(), "final weights are saved without torch.compile's _orig_mod prefix"
+    assert max_abs_diff(eager, compiled) < 1e-4
