@@ -11,17 +11,13 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from helpers import run_script_2proc
 
 from ddp_finetune import losses as L
 from ddp_finetune.config import LossConfig
@@ -621,7 +617,7 @@ def test_module_signature_is_the_function_signature(name):
 
 def _reads(name):
     if ":" in name:
-        return {"args", "ignore_index"}
+        return {"args", "ignore_index", "sync"}
     spec = L.LOSSES[name]
     return {"mode", *spec.options} | ({"accumulation"} if spec.region else set())
 
@@ -665,38 +661,11 @@ def test_loss_config_is_checked_when_the_config_loads(override, fragment):
 # --------------------------------------------------------------------------- 2 processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_rank_report(tmp_path_factory):
     """Launch tests/scripts/losses_2proc.py once on 2 gloo ranks; its JSON report."""
     out = tmp_path_factory.mktemp("losses_2proc") / "report.json"
-    launcher = shutil.which("accelerate")
-    cmd = [launcher, "launch"] if launcher else [sys.executable, "-m", "accelerate.commands.launch"]
-    cmd += [
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(_free_port()),
-        str(SCRIPT),
-        str(out),
-    ]
-    path = [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    # CUDA hidden: 2 ranks on CPU/gloo even on a 1-GPU machine, where they would share a device
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(path), "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"2-process run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    run_script_2proc(SCRIPT, out)
     return json.loads(out.read_text())
 
 

@@ -17,7 +17,9 @@ from .module import LOSS_MODULES, Loss
 from .options import check_options, show_value
 from .table import LOSS_NAMES, LOSSES, TASK_MODES, LossSpec
 
-_USER_READS = ("name", "args", "ignore_index")  # ignore_index: also read by the data scan and the metrics
+# ignore_index: also read by the data scan and the metrics; sync: a user loss is never synchronized
+# by us, so sync=false (as the evaluation loss is built) describes it
+_USER_READS = ("name", "args", "ignore_index", "sync")
 _USER_FORM = f"use package.module:Name of an importable function or nn.Module class, or one of {', '.join(LOSS_NAMES)}"
 
 
