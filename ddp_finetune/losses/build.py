@@ -41,7 +41,7 @@ def _reject_ignored(cfg, name: str, reads: set[str]) -> None:
         )
 
 
-def _resolve_mode(cfg, name: str, task: str | None) -> str | None:
+def _resolve_mode(cfg, task: str | None) -> str | None:
     if task is None:
         return cfg.mode
     if task not in TASK_MODES:
@@ -77,7 +77,7 @@ def check_loss_config(cfg, task: str | None = None, num_classes: int | None = No
         )
     spec = LOSSES[name]
     _reject_ignored(cfg, name, _reads(spec))
-    mode = _resolve_mode(cfg, name, task)
+    mode = _resolve_mode(cfg, task)
     owner = f"loss.name={name}"
     check_options(name, mode, {k: getattr(cfg, k) for k in spec.options}, owner=owner, prefix="loss.")
     accumulations = typing.get_args(LossAccumulation)

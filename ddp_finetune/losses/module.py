@@ -62,6 +62,8 @@ class Loss(nn.Module):
         **options,
     ):
         super().__init__()
+        if not hasattr(self, "loss_name"):
+            raise TypeError("build a loss by its class, e.g. DiceLoss(...), or LOSS_MODULES[name](...)")
         self.spec: LossSpec = LOSSES[self.loss_name]
         unknown = sorted(set(options) - set(self.spec.options))
         if unknown:
@@ -119,9 +121,11 @@ class Loss(nn.Module):
 
     @property
     def needs_statistics_pass(self) -> bool:
-        """True when the loss of a step's global batch needs the sums of all its micro-batches
-        (`accumulation=exact` and a region loss, except `per_image` ones whose mean over images
-        equal micro-batches already give). False: call the loss on each micro-batch as usual."""
+        """True when the loss of a step's global batch needs the sums of all its micro-batches:
+        `accumulation=exact` and a region loss, except `per_image` ones, whose mean over images
+        equal micro-batches already give (unless dice_bce's BCE mean has a count of elements
+        that depends on the targets: ignore_index, multiclass class weights). False: call the
+        loss on each micro-batch as usual (cross-entropy, focal: see CrossEntropyKernel)."""
         weighted = self._weights is not None
         needs = self.kernel.needs_statistics_pass(self.mode, self.options["ignore_index"], weighted)
         return self.accumulation == "exact" and needs
