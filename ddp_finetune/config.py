@@ -194,11 +194,18 @@ class ScheduleConfig:
         _positive("schedule.every", self.every)
 
 
+LossMode = Literal["binary", "multilabel", "multiclass"]
+"""How a built-in loss reads the logits: a sigmoid (binary: one channel; multilabel: per channel) or a softmax over channels."""
+
+LossAccumulation = Literal["exact", "micro_batch"]
+"""How a region loss (dice, dice_bce, iou, tversky) combines the micro-batches of one optimizer step."""
+
+
 @dataclass
 class LossConfig:
     name: str = "cross_entropy"
     """`cross_entropy`, `dice`, `dice_bce`, `iou`, `focal`, `tversky`, or your own as `package.module:Name` (a function or an nn.Module class)."""
-    mode: Literal["binary", "multilabel", "multiclass"] | None = None
+    mode: LossMode | None = None
     """`binary`, `multilabel` or `multiclass`; null: from the labels (`multiclass` for class indices)."""
     label_smoothing: float = 0.0
     """Cross-entropy label smoothing."""
@@ -218,11 +225,17 @@ class LossConfig:
     """Per-class weights, where the loss supports them."""
     sync: bool = True
     """Reduce loss statistics across ranks, so the loss on N ranks equals the loss on 1."""
+    accumulation: LossAccumulation = "exact"
+    """Region losses under `train.grad_accum` > 1: `exact` is the loss of the whole global batch (a statistics pass without gradients over the step's micro-batches first), `micro_batch` the mean of the micro-batches' losses (cheaper; the objective then depends on grad_accum)."""
     args: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for a user loss."""
 
     def validate(self) -> None:
-        _range("loss.label_smoothing", self.label_smoothing, 0.0, 1.0, high_open=True)
+        """The option checks live with the losses (one place for config and code); a loss reads
+        only its own options, and a value set for another loss is an error."""
+        from .losses import check_loss_config
+
+        check_loss_config(self)
 
 
 @dataclass

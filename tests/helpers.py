@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -90,6 +91,28 @@ def launch_2proc(*args, port=29517, timeout=600, check=True) -> subprocess.Compl
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_script_2proc(script, *args, timeout=300) -> subprocess.CompletedProcess:
+    """`accelerate launch --multi_gpu --num_processes 2 SCRIPT ARGS` on a free port: 2 gloo ranks on
+    the CPU (CUDA hidden, also on a 1-GPU machine where they would share a device); the script
+    can import the package and tests/ helpers. Fails the test with the output's tail unless it exits 0."""
+    cmd = [*accelerate_cmd(), *(["launch"] if accelerate_cmd()[0].endswith("accelerate") else [])]
+    cmd += ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
+    cmd += ["--dynamo_backend", "no", "--main_process_port", str(free_port()), str(script), *map(str, args)]
+    env = child_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), env["PYTHONPATH"]])
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+    if proc.returncode != 0:
+        raise AssertionError(f"2-process run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
 
 

@@ -8,18 +8,16 @@ float64) or are torch / torchvision's own losses; they share no code with ddp_fi
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from helpers import run_script_2proc
 
 from ddp_finetune import losses as L
 from ddp_finetune.config import LossConfig
@@ -505,17 +503,15 @@ def test_ignore_index_makes_an_out_of_range_value_legal():
     "task,mode", [("classification", "multiclass"), ("binary", "binary"), ("multilabel", "multilabel")]
 )
 def test_build_loss_builtin_uses_the_config(name, task, mode):
-    cfg = LossConfig(name=name, smooth=0.5, gamma=1.5, alpha=0.3, beta=0.6, sync=False)
-    if name == "cross_entropy":
-        cfg.label_smoothing = 0.1
-    fn = L.build_loss(cfg, task, num_classes=3)
-    assert isinstance(fn, MODULES[name]) and fn.mode == mode
-    x, t = make(mode, seg=False, seed=11)
+    # each loss is given the options it reads (an option it does not read is an error, below)
     opts = {
         "cross_entropy": {"label_smoothing": 0.1},
         "focal": {"alpha": 0.3, "gamma": 1.5},
         "tversky": {"alpha": 0.3, "beta": 0.6, "smooth": 0.5},
     }.get(name, {"smooth": 0.5})
+    fn = L.build_loss(LossConfig(name=name, sync=False, **opts), task, num_classes=3)
+    assert isinstance(fn, MODULES[name]) and fn.mode == mode
+    x, t = make(mode, seg=False, seed=11)
     assert_close(fn(x, t), reference(name, mode, x, t, **opts))
 
 
@@ -577,41 +573,99 @@ def test_user_loss_from_an_installed_package():
     torch.testing.assert_close(fn(x, t), F.binary_cross_entropy_with_logits(x, t))
 
 
+# --------------------------------------------------------------------------- one table, one validation
+
+# a value for every LossConfig field that differs from its default
+NOT_DEFAULT = {
+    "mode": "multiclass",
+    "label_smoothing": 0.1,
+    "smooth": 0.5,
+    "alpha": 0.5,
+    "beta": 0.7,
+    "gamma": 3.0,
+    "per_image": True,
+    "ignore_index": 255,
+    "class_weights": [1.0, 2.0, 3.0],
+    "sync": False,
+    "accumulation": "micro_batch",
+    "args": {"scale": 2.0},
+}
+
+
+def test_table_options_are_config_fields_and_kernel_fields():
+    """A loss's options are its function's keyword-only parameters, named like LossConfig fields;
+    its kernel takes the ones that are not common to every loss."""
+    fields = {f.name for f in dataclasses.fields(LossConfig)}
+    assert set(NOT_DEFAULT) == fields - {"name"}
+    for name, spec in L.LOSSES.items():
+        assert set(spec.options) <= fields, name
+        assert set(spec.kernel_options) == set(spec.options) - {"ignore_index", "class_weights", "sync"}, name
+        assert set(L.LOSS_FUNCTIONS) == set(L.LOSS_MODULES) == set(L.LOSSES) and L.LOSS_FUNCTIONS[name] is spec.function
+    assert {n for n, spec in L.LOSSES.items() if spec.region} == {"dice", "dice_bce", "iou", "tversky"}
+
+
+@pytest.mark.parametrize("name", list(FUNCTIONS))
+def test_module_signature_is_the_function_signature(name):
+    fn = inspect.signature(FUNCTIONS[name])
+    module = inspect.signature(MODULES[name])
+    assert list(module.parameters.values())[: len(fn.parameters) - 2] == list(fn.parameters.values())[2:]
+    assert list(module.parameters)[len(fn.parameters) - 2 :] == ["accumulation", "defer_target_check"]
+    assert MODULES[name].__name__ == L.LOSSES[name].module and getattr(L, L.LOSSES[name].module) is MODULES[name]
+    with pytest.raises(TypeError, match="unknown options"):
+        MODULES[name](not_an_option=1)
+
+
+def _reads(name):
+    if ":" in name:
+        return {"args", "ignore_index", "sync"}
+    spec = L.LOSSES[name]
+    return {"mode", *spec.options} | ({"accumulation"} if spec.region else set())
+
+
+@pytest.mark.parametrize("name", [*FUNCTIONS, "helpers_userloss:scaled_bce"])
+@pytest.mark.parametrize("option", list(NOT_DEFAULT))
+def test_an_option_the_loss_does_not_read_is_an_error(name, option):
+    cfg = LossConfig(name=name, **{option: NOT_DEFAULT[option]})
+    if option in _reads(name):
+        cfg.validate()  # read: accepted
+        return
+    with pytest.raises(UserError) as info:
+        cfg.validate()
+    message = str(info.value)
+    assert f"loss.{option}=" in message and f"not used by {name}" in message and "\n" not in message
+
+
+def test_options_set_to_their_defaults_are_accepted_by_every_loss():
+    for name in [*FUNCTIONS, "helpers_userloss:scaled_bce"]:
+        LossConfig(name=name, gamma=2.0, smooth=1.0, alpha=0.25, accumulation="exact").validate()
+
+
+@pytest.mark.parametrize(
+    "override,fragment",
+    [
+        ("loss.gamma=3", "loss.gamma=3.0 is not used by dice (only by focal)"),
+        ("loss.mode=softmax", "loss.mode='softmax' is not one of binary, multilabel, multiclass"),
+        ("loss.accumulation=sometimes", "loss.accumulation='sometimes' is not one of exact, micro_batch"),
+        ("loss.smooth=-1", "loss.smooth=-1.0 must be >= 0"),
+        ("loss.class_weights=[1, -2]", "must be finite, >= 0"),
+    ],
+)
+def test_loss_config_is_checked_when_the_config_loads(override, fragment):
+    from ddp_finetune.config import config_from_dict
+
+    with pytest.raises(UserError) as info:
+        config_from_dict({"data": {"path": "x"}, "loss": {"name": "dice"}}, [override])
+    assert fragment in str(info.value)
+
+
 # --------------------------------------------------------------------------- 2 processes
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def two_rank_report(tmp_path_factory):
     """Launch tests/scripts/losses_2proc.py once on 2 gloo ranks; its JSON report."""
     out = tmp_path_factory.mktemp("losses_2proc") / "report.json"
-    launcher = shutil.which("accelerate")
-    cmd = [launcher, "launch"] if launcher else [sys.executable, "-m", "accelerate.commands.launch"]
-    cmd += [
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(_free_port()),
-        str(SCRIPT),
-        str(out),
-    ]
-    path = [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    # CUDA hidden: 2 ranks on CPU/gloo even on a 1-GPU machine, where they would share a device
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(path), "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"2-process run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    run_script_2proc(SCRIPT, out)
     return json.loads(out.read_text())
 
 
