@@ -25,7 +25,7 @@ from .datasets import build_datasets
 from .errors import UserError
 from .guards import NonFiniteGuard
 from .loaders import EpochSampler, build_loaders
-from .losses import build_loss
+from .losses import build_loss, needs_statistics_pass
 from .models import build_model, check_model_name, head_prefixes
 from .param_groups import (
     apply_static_freeze,
@@ -130,7 +130,8 @@ def build_run(cfg: Config) -> Run:
     optimizer = make_optimizer(groups, cfg.optim, fused=on_device)
     steps_per_epoch = len(train_set) // cfg.train.batch_size
     schedule = build_schedule(cfg.schedule, optimizer, steps_per_epoch, cfg.train.epochs)
-    loss_fn = build_loss(cfg.loss, cfg.task, classes.outputs)
+    # the training loss counts bad labels on the device; the loop reads them on check steps
+    loss_fn = build_loss(cfg.loss, cfg.task, classes.outputs, defer_target_check=True)
     eval_loss_fn = build_loss(dataclasses.replace(cfg.loss, sync=False), cfg.task, classes.outputs)
 
     model, prepared_opt, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
@@ -187,6 +188,26 @@ def start_lines(run: Run) -> list[str]:
         if r["skipped_head_keys"]:
             msg += f"; head keys not loaded: {', '.join(r['skipped_head_keys'])}"
         lines.append(msg)
+    lines.append(loss_line(run))
     lines.append(describe_groups(run.groups))
     lines.append(run.schedule.describe())
     return lines
+
+
+def loss_line(run: Run) -> str:
+    """The loss, and what gradient accumulation does to its objective."""
+    cfg, k = run.cfg, run.cfg.train.grad_accum
+    line = f"loss: {cfg.loss.name}"
+    if k == 1 or ":" in cfg.loss.name:
+        return line
+    if needs_statistics_pass(run.loss_fn):
+        return line + f"; exact over the {k} micro-batches of a step (a statistics pass without gradients first)"
+    exact = dataclasses.replace(cfg.loss, accumulation="exact")
+    if cfg.loss.accumulation == "micro_batch" and needs_statistics_pass(
+        build_loss(exact, cfg.task, run.classes.outputs)
+    ):
+        return line + (
+            f"; loss.accumulation=micro_batch: the mean of {k} micro-batch losses, so the objective depends on "
+            "train.grad_accum (loss.accumulation=exact makes it the global batch's)"
+        )
+    return line

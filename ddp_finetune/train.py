@@ -27,6 +27,7 @@ from .config import Config, dump_config
 from .errors import UserError
 from .evaluate import evaluate
 from .guards import all_finite
+from .losses import check_targets, needs_statistics_pass
 from .models import split_outputs
 from .param_groups import backbone_frozen, clear_grads, lr_log, set_bn_eval
 from .preemption import EXIT_PREEMPTED, PREEMPTED_FILE, StopWatcher
@@ -68,13 +69,55 @@ class Preempted(Exception):
 # --------------------------------------------------------------------------- one optimizer step
 
 
-def forward_loss(run: Run, x, y) -> torch.Tensor:
-    """The training loss of one micro-batch, auxiliary heads (GoogLeNet, Inception, DeepLabV3, FCN) included."""
-    logits, aux = split_outputs(run.model(x))
-    loss = run.loss_fn(logits, y)
-    for extra in aux:
-        loss = loss + run.aux_weight * run.loss_fn(extra, y)
+def forward_loss(run: Run, x, y, stats: list[torch.Tensor] | None = None, micro_batches: int = 1) -> torch.Tensor:
+    """The training loss of one micro-batch, auxiliary heads (GoogLeNet, Inception, DeepLabV3, FCN) included.
+
+    With `stats` (one tensor per output, from `statistics_pass`) each output's loss is the loss
+    module's surrogate: the value of the whole step's loss, the gradient of its share."""
+    outputs = split_outputs(run.model(x))
+    outputs = [outputs[0], *outputs[1]]
+    if stats is None:
+        losses = [run.loss_fn(out, y) for out in outputs]
+    else:
+        losses = [run.loss_fn.surrogate(out, y, s, micro_batches) for out, s in zip(outputs, stats)]
+    loss = losses[0]
+    for extra in losses[1:]:
+        loss = loss + run.aux_weight * extra
     return loss
+
+
+def statistics_pass(run: Run, micro_batches: list) -> list[torch.Tensor] | None:
+    """Exact accumulation (`loss.accumulation: exact`): the step's global loss statistics, before
+    any gradient, or None when the loss does not need them (see losses.Loss.needs_statistics_pass).
+
+    A forward of every micro-batch without autograd, the statistics summed, then one all-reduce.
+    It sees what the gradient pass will see — the same dropout / stochastic-depth masks (the RNG
+    is forked and restored, so the gradient pass replays the same draws) and the same BatchNorm
+    batch statistics — and changes no state: BatchNorm running statistics are put back, the data
+    were already read."""
+    if len(micro_batches) == 1 or not needs_statistics_pass(run.loss_fn):
+        return None
+    device = run.accelerator.device
+    saved = [(b, [t.clone() for t in _bn_buffers(b)]) for b in run.model.modules() if _tracks_stats(b)]
+    devices = [device.index or 0] if device.type == "cuda" else []
+    totals: list[torch.Tensor] | None = None
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        for x, y in micro_batches:
+            logits, aux = split_outputs(run.model(x))
+            stats = [run.loss_fn.statistics(out, y) for out in (logits, *aux)]
+            totals = stats if totals is None else [t + s for t, s in zip(totals, stats)]
+        for module, buffers in saved:
+            for live, kept in zip(_bn_buffers(module), buffers):
+                live.copy_(kept)
+    return [run.loss_fn.reduce_statistics(t) for t in totals]
+
+
+def _tracks_stats(module) -> bool:
+    return isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.training and module.track_running_stats
+
+
+def _bn_buffers(module) -> list[torch.Tensor]:
+    return [module.running_mean, module.running_var, module.num_batches_tracked]
 
 
 def optimizer_step(run: Run, micro_batches: list, frozen_now: bool, window: Window) -> None:
@@ -82,14 +125,16 @@ def optimizer_step(run: Run, micro_batches: list, frozen_now: bool, window: Wind
 
     Gradients are summed over the micro-batches (each loss divided by their number, so the step
     follows the mean loss of the global batch); DDP all-reduces them once, on the last backward.
-    A step whose gradients are not finite is skipped on the device (`run.guard`).
+    A region loss under exact accumulation first gets the step's global statistics
+    (`statistics_pass`). A step whose gradients are not finite is skipped on the device (`run.guard`).
     """
     a, k = run.accelerator, len(micro_batches)
+    stats = statistics_pass(run, micro_batches)
     step_loss = torch.zeros((), dtype=torch.float64, device=a.device)
     for i, (x, y) in enumerate(micro_batches):
         # DDP all-reduces the gradients on the last micro-batch's backward only
         with a.no_sync(run.model) if i < k - 1 else contextlib.nullcontext():
-            loss = forward_loss(run, x, y)
+            loss = forward_loss(run, x, y, stats, k)
             a.backward(loss / k)
         window.sums[0] += loss.detach().double() * x.shape[0]
         window.sums[1] += x.shape[0]
@@ -216,6 +261,7 @@ def train_one_epoch(run: Run, progress: Progress, log: MetricsLog, watcher: Stop
         step_lrs = count_step(run, progress, window)
         if is_check_step(run, progress):
             health = run.guard.check(progress.step)
+            check_targets(run.loss_fn)  # bad labels seen since the last check: UserError on every rank
             if step_lrs is not None:
                 log_train(run, progress, log, window, step_lrs, health, bar)
             checkpoint_or_stop(run, progress, watcher)

@@ -193,12 +193,28 @@ def _variants(mode: str):
     )
 
 
-ACCUMULATION_CASES = [
-    pytest.param(name, mode, options, id=f"{name}-{mode}-{label}")
-    for name in REGION
-    for mode in MODES
-    for label, options in _variants(mode)
-]
+ACCUMULATION_CASES = (
+    [
+        pytest.param(name, mode, options, id=f"{name}-{mode}-{label}")
+        for name in REGION
+        for mode in MODES
+        for label, options in _variants(mode)
+    ]
+    + [
+        # means over samples whose count depends on the targets
+        pytest.param(name, mode, {"ignore_index": IGNORE[mode]}, id=f"{name}-{mode}-ignore_index")
+        for name in ("cross_entropy", "focal")
+        for mode in MODES
+    ]
+    + [
+        pytest.param(
+            "cross_entropy",
+            "multiclass",
+            {"class_weights": weights_for("multiclass")},
+            id="cross_entropy-multiclass-class_weights",
+        )
+    ]
+)
 
 
 @pytest.mark.parametrize("k", [4, 2])
@@ -214,7 +230,7 @@ def test_exact_accumulation_equals_the_whole_batch(name, mode, options, k):
     assert min(float(w.abs().max()) for w in want_grads) > 1e-6  # not 0 == 0
 
 
-@pytest.mark.parametrize("name,mode,options", [c for c in ACCUMULATION_CASES if c.values[0] in REGION])
+@pytest.mark.parametrize("name,mode,options", ACCUMULATION_CASES)
 def test_micro_batch_accumulation_is_not_the_whole_batch_where_a_pass_is_needed(name, mode, options):
     """Without the statistics pass, the mean of the micro-batches' losses is another objective:
     where `needs_statistics_pass` is true the comparison above could fail."""
@@ -240,7 +256,13 @@ def test_which_losses_need_a_statistics_pass():
     assert needs("dice_bce", per_image=True, ignore_index=255)
     assert needs("dice_bce", per_image=True, class_weights=[1.0, 2.0, 3.0])
     assert not needs("dice_bce", "multilabel", per_image=True, class_weights=[1.0, 2.0, 3.0])
-    assert not needs("cross_entropy") and not needs("focal")
+    # cross-entropy and focal: means over samples, exact from equal micro-batches unless the
+    # count (ignored pixels; cross-entropy's multiclass weights) depends on the targets
+    assert not needs("cross_entropy") and not needs("focal") and not needs("focal", class_weights=[1.0, 2.0, 3.0])
+    assert needs("cross_entropy", ignore_index=255) and needs("focal", ignore_index=255)
+    assert needs("cross_entropy", class_weights=[1.0, 2.0, 3.0])
+    assert not needs("cross_entropy", "multilabel", class_weights=[1.0, 2.0, 3.0])
+    assert not needs("cross_entropy", ignore_index=255, accumulation="micro_batch")
     user = L.build_loss(LossConfig(name="helpers_userloss:scaled_bce"), "binary", 1)
     assert not L.needs_statistics_pass(user)
     L.check_targets(user)  # nothing to check, nothing raised

@@ -56,7 +56,9 @@ class FocalKernel:
         return divide(parts[0], parts[1])
 
     def needs_statistics_pass(self, mode: str, ignore_index: int | None, weighted: bool) -> bool:
-        return False  # a mean over elements, as cross-entropy (see CrossEntropyKernel)
+        # a mean over the non-ignored elements (class weights scale the numerator only): exact from
+        # equal micro-batches unless ignore_index makes their counts differ
+        return ignore_index is not None
 
 
 def focal_loss(
