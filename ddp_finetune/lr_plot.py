@@ -5,53 +5,34 @@
     ddp-finetune lr-plot configs/x.yaml --out lr.png  # lr_plot_command
 
 The simulation uses the real parameter groups (names, base lrs, layer decay) of the configured
-model, built on the `meta` device (no memory, no weights, a few milliseconds even for ViT-H;
-RegNet, whose builder needs real tensors, on the CPU), then runs the real `Schedule` on an
-optimizer that holds one tiny stand-in tensor per group.
+model, built by `models.build_model(..., meta=True)`: the architecture and `Parts` training
+gets, with its parameters on the `meta` device (no memory, no weights loaded, well under a
+second even for ViT-H). Then it runs the real `Schedule` on an optimizer that holds one tiny
+stand-in tensor per group.
 ReduceLROnPlateau needs validation metrics, which only training gives: it stays flat here.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
 from .errors import UserError
-from .param_groups import build_param_groups, lr_log, make_optimizer, uses_static_freeze
+from .models import build_model
+from .param_groups import build_param_groups, lr_log, make_optimizer
 from .schedules import build_schedule
 
 
-def _meta_model(name: str, num_classes: int | None):
-    import torchvision
-
-    from .models import builder_kwargs, check_model_name
-
-    check_model_name(name)
-    # The same architecture as models.build_model (aux heads kept, no backbone download), without weights.
-    kwargs = builder_kwargs(name, weights=None)
-    if "init_weights" in kwargs:
-        kwargs["init_weights"] = False  # nothing to initialize on the meta device
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            with torch.device("meta"):
-                return torchvision.models.get_model(name, weights=None, num_classes=num_classes or 2, **kwargs)
-        except (NotImplementedError, RuntimeError):
-            # Builders that compute their widths from tensors (RegNet) need real data: CPU it is.
-            return torchvision.models.get_model(name, weights=None, num_classes=num_classes or 2, **kwargs)
+def _meta_groups(cfg) -> list[dict]:
+    """The configured model's parameter groups, its parameters on the meta device."""
+    model, parts, _ = build_model(cfg.model, cfg.model.num_classes or 2, cfg.task, meta=True)
+    return build_param_groups(model, parts, cfg.optim)
 
 
-def _simulate(cfg, steps_per_epoch: int, model=None, head_prefixes: list[str] | None = None):
-    if model is None:
-        model = _meta_model(cfg.model.name, cfg.model.num_classes)
-    if head_prefixes is None:
-        from .models import head_prefixes as prefixes_of
-
-        head_prefixes = prefixes_of(model)
-    groups = build_param_groups(model, head_prefixes, cfg.optim)
+def _simulate(cfg, steps_per_epoch: int):
+    groups = _meta_groups(cfg)
     # Same groups and hyperparameters, one 1-element tensor each: the schedule only sees groups.
     stand_in = [
         {**{k: v for k, v in g.items() if k != "params"}, "params": [torch.zeros(1, requires_grad=True)]}
@@ -73,18 +54,15 @@ def _simulate(cfg, steps_per_epoch: int, model=None, head_prefixes: list[str] | 
     return dict(series), description
 
 
-def simulate_lrs(
-    cfg, steps_per_epoch: int, model=None, head_prefixes: list[str] | None = None
-) -> dict[str, list[float]]:
+def simulate_lrs(cfg, steps_per_epoch: int) -> dict[str, list[float]]:
     """The lr of each logical group at every optimizer step of the run (index s: the lr step s uses).
 
     Keys are those of `param_groups.lr_log(optimizer, per_block=True)`: `lr/head`,
     `lr/backbone`, and with layer decay `lr/backbone.<block>` for every block instead of
-    `lr/backbone` (which would repeat the block nearest the head). `model`: the real model if
-    already built (else the configured one on the meta device); `head_prefixes`: null asks
-    `models.head_prefixes(model)`. Epoch ends are simulated without validation metrics.
+    `lr/backbone` (which would repeat the block nearest the head). Epoch ends are simulated
+    without validation metrics.
     """
-    return _simulate(cfg, steps_per_epoch, model, head_prefixes)[0]
+    return _simulate(cfg, steps_per_epoch)[0]
 
 
 def plot_lrs(
@@ -120,12 +98,12 @@ def plot_lrs(
     return out
 
 
-def plot_schedule(cfg, steps_per_epoch: int, out_path, model=None, head_prefixes: list[str] | None = None):
+def plot_schedule(cfg, steps_per_epoch: int, out_path):
     """`simulate_lrs` + `plot_lrs` with the unfreeze point and a title from the config.
 
     Returns (path of the PNG, the schedule's description).
     """
-    series, description = _simulate(cfg, steps_per_epoch, model=model, head_prefixes=head_prefixes)
+    series, description = _simulate(cfg, steps_per_epoch)
     unfreeze = cfg.model.unfreeze_at_epoch
     unfreeze_step = unfreeze * steps_per_epoch if cfg.model.freeze_backbone and unfreeze is not None else None
     title = (
@@ -134,7 +112,7 @@ def plot_schedule(cfg, steps_per_epoch: int, out_path, model=None, head_prefixes
     )
     if cfg.schedule.name.lower() == "reducelronplateau":
         title += "\nReduceLROnPlateau drawn flat: it reacts to validation metrics, which only training gives"
-    if uses_static_freeze(cfg.model):
+    if cfg.model.freeze_backbone and unfreeze is None:
         title += "\nbackbone frozen for the whole run (only the head trains)"
     return plot_lrs(series, out_path, unfreeze_step=unfreeze_step, title=title), description
 

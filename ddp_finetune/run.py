@@ -23,23 +23,14 @@ from .config import Config, dump_config
 from .data import Classes, Splits, decide_classes, load_splits
 from .datasets import build_datasets
 from .errors import UserError
+from .freeze import BackboneFreeze
 from .guards import NonFiniteGuard
 from .loaders import EpochSampler, build_loaders
 from .losses import build_loss, needs_statistics_pass
-from .models import build_model, check_model_name, head_prefixes
-from .param_groups import (
-    apply_static_freeze,
-    backbone_params,
-    build_param_groups,
-    describe_groups,
-    make_optimizer,
-    uses_static_freeze,
-)
+from .models import LoadReport, Parts, build_model, check_model_name
+from .param_groups import build_param_groups, describe_groups, make_optimizer
 from .schedules import Schedule, build_schedule
 from .tracking import log_with
-
-AUX_LOSS_WEIGHT = 0.3  # GoogLeNet / Inception auxiliary heads, as in the GoogLeNet paper
-SEGMENTATION_AUX_LOSS_WEIGHT = 0.5  # DeepLabV3 / FCN aux_classifier, as torchvision's segmentation reference
 
 
 @dataclass
@@ -61,13 +52,11 @@ class Run:
     eval_loss_fn: Callable  # the same loss on gathered logits, not synchronized
     splits: Splits
     classes: Classes
-    heads: list[str]  # module names of the head (the `head` parameter group)
-    frozen_params: list[nn.Parameter]  # backbone params whose grads are dropped while frozen until an epoch
-    dynamic_freeze: bool  # freeze_backbone with unfreeze_at_epoch
-    load_report: dict  # what build_model loaded (weights, missing / unexpected keys)
+    parts: Parts  # what the package knows of the model: head, blocks, aux-loss weight, normalization
+    freeze: BackboneFreeze  # freeze_backbone / unfreeze_at_epoch / freeze_bn, at the moments it acts
+    load_report: LoadReport  # what build_model loaded (weights, missing / unexpected keys)
     guard: NonFiniteGuard  # skips non-finite steps on the device, checked every check_every_n_steps
     steps_per_epoch: int
-    aux_weight: float
 
 
 def check_batch_sizes(cfg: Config, processes: int) -> None:
@@ -109,21 +98,18 @@ def build_run(cfg: Config) -> Run:
     classes = decide_classes(cfg, splits)
     with accelerator.local_main_process_first():
         set_seed(cfg.seed)  # identical initial weights on every rank
-        model, report = build_model(cfg.model, classes.outputs, cfg.task)
-    stats = report.get("normalization")
-    norm = (tuple(stats["mean"]), tuple(stats["std"])) if stats else ()
-    train_set, val_set = build_datasets(cfg, splits, classes, *norm)
+        model, parts, report = build_model(cfg.model, classes.outputs, cfg.task)
+    train_set, val_set = build_datasets(cfg, splits, classes, parts.mean, parts.std)
     train_loader, val_loader, sampler = build_loaders(cfg, train_set, val_set)
 
     # SyncBatchNorm and channels_last before the optimizer exists: its state takes the params' layout
     model = performance.convert_model(model, cfg.model.sync_bn, device_type, accelerator.num_processes)
-    heads = head_prefixes(model)
     # frozen for the whole run: requires_grad=False before DDP wraps the model (saves compute);
-    # frozen until an epoch: grads are dropped each step instead, so DDP registers every param
-    dynamic_freeze = cfg.model.freeze_backbone and not uses_static_freeze(cfg.model)
-    if uses_static_freeze(cfg.model):
-        apply_static_freeze(model, heads)
-    groups = build_param_groups(model, heads, cfg.optim)
+    # frozen until an epoch: grads are dropped each step instead, so DDP registers every param.
+    # After convert_model: the policy lists the (Sync)BatchNorm modules the model will run.
+    freeze = BackboneFreeze(cfg.model, parts)
+    freeze.before_wrap(model)
+    groups = build_param_groups(model, parts, cfg.optim)
     # fused kernels skip a non-finite step on the device; under fp16 the GradScaler skips instead
     # (Accelerate tells which steps it skipped, so the schedule does not advance on them)
     on_device = cfg.train.mixed_precision != "fp16"
@@ -154,14 +140,11 @@ def build_run(cfg: Config) -> Run:
         eval_loss_fn=eval_loss_fn,
         splits=splits,
         classes=classes,
-        heads=heads,
-        # listed once, from the prepared model: the loop drops their grads every step while frozen
-        frozen_params=backbone_params(model, heads) if dynamic_freeze else [],
-        dynamic_freeze=dynamic_freeze,
+        parts=parts,
+        freeze=freeze,
         load_report=report,
         guard=NonFiniteGuard(accelerator.device, cfg.train.max_nonfinite_steps, on_device=on_device),
         steps_per_epoch=steps_per_epoch,
-        aux_weight=SEGMENTATION_AUX_LOSS_WEIGHT if cfg.task == "segmentation" else AUX_LOSS_WEIGHT,
     )
 
 
@@ -178,16 +161,9 @@ def start_lines(run: Run) -> list[str]:
         f"{run.classes.outputs} classes{classes_from}; global batch {cfg.train.batch_size} = {n} processes x {k} "
         f"accumulation x {cfg.train.batch_size // (n * k)} per micro-batch",
     ]
-    r = run.load_report
-    if r.get("weights"):
-        msg = f"weights: {r['weights']}; new head {', '.join(r['heads'])}"
-        if r["missing_keys"]:
-            msg += f"; missing {len(r['missing_keys'])} keys (e.g. {r['missing_keys'][0]})"
-        if r["unexpected_keys"]:
-            msg += f"; unexpected {len(r['unexpected_keys'])} keys (e.g. {r['unexpected_keys'][0]})"
-        if r["skipped_head_keys"]:
-            msg += f"; head keys not loaded: {', '.join(r['skipped_head_keys'])}"
-        lines.append(msg)
+    loaded = run.load_report.describe()
+    if loaded:
+        lines.append(loaded)
     lines.append(loss_line(run))
     lines.append(describe_groups(run.groups))
     lines.append(run.schedule.describe())

@@ -29,7 +29,7 @@ from .evaluate import evaluate
 from .guards import all_finite
 from .losses import check_targets, needs_statistics_pass
 from .models import split_outputs
-from .param_groups import backbone_frozen, clear_grads, lr_log, set_bn_eval
+from .param_groups import lr_log
 from .preemption import EXIT_PREEMPTED, PREEMPTED_FILE, StopWatcher
 from .run import Run, build_run, start_lines
 from .tracking import MetricsLog, init_trackers
@@ -82,7 +82,7 @@ def forward_loss(run: Run, x, y, stats: list[torch.Tensor] | None = None, micro_
         losses = [run.loss_fn.surrogate(out, y, s, micro_batches) for out, s in zip(outputs, stats)]
     loss = losses[0]
     for extra in losses[1:]:
-        loss = loss + run.aux_weight * extra
+        loss = loss + run.parts.aux_weight * extra
     return loss
 
 
@@ -120,7 +120,7 @@ def _bn_buffers(module) -> list[torch.Tensor]:
     return [module.running_mean, module.running_var, module.num_batches_tracked]
 
 
-def optimizer_step(run: Run, micro_batches: list, frozen_now: bool, window: Window) -> None:
+def optimizer_step(run: Run, micro_batches: list, epoch: int, window: Window) -> None:
     """Forward and backward over the step's micro-batches, then clip and update the weights.
 
     Gradients are summed over the micro-batches (each loss divided by their number, so the step
@@ -139,8 +139,7 @@ def optimizer_step(run: Run, micro_batches: list, frozen_now: bool, window: Wind
         window.sums[0] += loss.detach().double() * x.shape[0]
         window.sums[1] += x.shape[0]
         step_loss += loss.detach().double() / k
-    if frozen_now:
-        clear_grads(run.frozen_params)
+    run.freeze.after_backward(epoch)  # frozen until an epoch: drop the backbone's grads
     grad_norm = None
     if run.cfg.train.max_grad_norm:
         grad_norm = a.clip_grad_norm_(run.model.parameters(), run.cfg.train.max_grad_norm)
@@ -235,12 +234,8 @@ def start_epoch(run: Run, progress: Progress):
     """Train mode, BatchNorm freezing, and the epoch on everything that seeds the data; the loader from
     where the epoch stands (a resumed run skips exactly the batches already consumed)."""
     cfg, epoch = run.cfg, progress.epoch
-    run.model.train()
-    # a frozen backbone is frozen entirely: its BatchNorm statistics stay fixed too (the head's train)
-    if cfg.model.freeze_bn:
-        set_bn_eval(run.model)
-    elif backbone_frozen(epoch, cfg.model):
-        set_bn_eval(run.model, run.heads)
+    # model.train(); a frozen backbone is frozen entirely: its BatchNorm statistics stay fixed too
+    run.freeze.start_epoch(run.model, epoch)
     # same epoch on the sampler, the dataset's augmentation seed and Accelerate's loader
     run.sampler.set_epoch(epoch)
     run.train_set.epoch = epoch
@@ -254,10 +249,9 @@ def train_one_epoch(run: Run, progress: Progress, log: MetricsLog, watcher: Stop
     """One epoch from `progress.step_in_epoch`. Returns False when the run must stop early (max_steps)."""
     cfg = run.cfg
     loader = start_epoch(run, progress)
-    frozen_now = run.dynamic_freeze and backbone_frozen(progress.epoch, cfg.model)
     window = Window.on(run.accelerator.device)
     for micro_batches in grouped(loader, cfg.train.grad_accum):
-        optimizer_step(run, micro_batches, frozen_now, window)
+        optimizer_step(run, micro_batches, progress.epoch, window)
         step_lrs = count_step(run, progress, window)
         if is_check_step(run, progress):
             health = run.guard.check(progress.step)

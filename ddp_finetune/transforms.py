@@ -11,8 +11,7 @@ import contextlib
 import numpy as np
 import torch
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .models.parts import IMAGENET_MEAN, IMAGENET_STD  # what a model without its own statistics expects
 
 
 def build_transforms(image_size: int, augment: bool, mean=IMAGENET_MEAN, std=IMAGENET_STD):

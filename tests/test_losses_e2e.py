@@ -60,7 +60,7 @@ def val_outputs(config_path, run_dir):
 
     cfg = load_config(config_path)
     _, val, classes, splits = datasets_of(cfg)
-    model, _ = build_model(cfg.model, classes.outputs)
+    model, _, _ = build_model(cfg.model, classes.outputs)
     model.load_state_dict(load_weights(run_dir))
     model.eval()
     xs, ys = zip(*(val[i] for i in range(len(val))))

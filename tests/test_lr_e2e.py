@@ -50,7 +50,7 @@ def initial_weights(config_path) -> dict:
 
     cfg = load_config(config_path)
     set_seed(cfg.seed)
-    model, _ = build_model(cfg.model, 3)
+    model, _, _ = build_model(cfg.model, 3)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -226,17 +226,17 @@ def test_fp16_overflow_skips_the_step_and_not_the_schedule(tmp_path, image_folde
 
     skip = {2, 5}
     calls = []
-    forward_loss = train._forward_loss
+    forward_loss = train.forward_loss
 
-    def overflowing(model, loss_fn, x, y):
-        loss = forward_loss(model, loss_fn, x, y)
+    def overflowing(run, x, y, *args):
+        loss = forward_loss(run, x, y, *args)
         calls.append(1)
         if len(calls) in skip:  # grad_accum 1: call i is optimizer step i
             huge = loss * 1e38  # same value, gradient x 1e38: inf once scaled by GradScaler (2**16)
             loss = loss + (huge - huge.detach())
         return loss
 
-    monkeypatch.setattr(train, "_forward_loss", overflowing)
+    monkeypatch.setattr(train, "forward_loss", overflowing)
     config = tiny_config(tmp_path, image_folder, **{**_UNFREEZE, "train": {"mixed_precision": "fp16"}})
     summary = fit_in_process(config)
     assert summary["steps"] == 6 and summary["mixed_precision"] == "fp16"

@@ -1,4 +1,5 @@
-"""Model families: build by name, replace the head, train one step; weights from every source."""
+"""Model families: build by name, replace the head, train one step; weights from every source;
+every torchvision model resolves to Parts."""
 
 import urllib.error
 
@@ -9,7 +10,8 @@ from safetensors.torch import save_file
 
 from ddp_finetune.config import ModelConfig
 from ddp_finetune.errors import UserError
-from ddp_finetune.models import build_model, cached_weights_path, head_prefixes, resolve_enum, split_outputs
+from ddp_finetune.models import build_model, split_outputs, torchvision_families
+from ddp_finetune.models.weights import cached_weights_path, resolve_enum
 
 FAMILIES = {
     # name: (input side, expected head layers)
@@ -30,16 +32,17 @@ FAMILIES = {
 def test_family_head_swap_and_one_training_step(name):
     side, expected_heads = FAMILIES[name]
     torch.manual_seed(0)
-    model, report = build_model(ModelConfig(name=name), num_classes=7)
-    assert report["heads"] == expected_heads == head_prefixes(model)
+    model, parts, report = build_model(ModelConfig(name=name), num_classes=7)
+    assert report.heads == expected_heads == list(parts.head_prefixes) == list(parts.head_layers)
     for head in expected_heads:
         assert model.get_submodule(head).weight.shape[0] == 7
     model.train()
     x, y = torch.randn(2, 3, side, side), torch.tensor([1, 6])
     logits, aux = split_outputs(model(x))
     assert logits.shape == (2, 7)
+    assert len(aux) == len(expected_heads) - 1 and parts.aux_weight == (0.3 if aux else 0.0)
     loss = torch.nn.functional.cross_entropy(logits, y) + sum(
-        0.3 * torch.nn.functional.cross_entropy(a, y) for a in aux
+        parts.aux_weight * torch.nn.functional.cross_entropy(a, y) for a in aux
     )
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     head = model.get_submodule(expected_heads[0]).weight
@@ -69,16 +72,18 @@ def _save_resnet(tmp_path, classes, suffix):
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_local_weights_loaded_with_a_fresh_head(tmp_path, suffix):
     src, path = _save_resnet(tmp_path, classes=5, suffix=suffix)
-    model, report = build_model(ModelConfig(name="resnet18", weights=str(path)), num_classes=3)
+    model, parts, report = build_model(ModelConfig(name="resnet18", weights=str(path)), num_classes=3)
     assert torch.equal(model.layer4[1].conv2.weight, src.layer4[1].conv2.weight)
     assert model.fc.weight.shape == (3, 512)
-    assert sorted(report["skipped_head_keys"]) == ["fc.bias", "fc.weight"]
-    assert report["missing_keys"] == [] and report["unexpected_keys"] == []
+    assert sorted(report.skipped_head_keys) == ["fc.bias", "fc.weight"]
+    assert report.missing_keys == [] and report.unexpected_keys == []
+    assert report.source == str(path) and "new head fc; head keys not loaded: fc." in report.describe()
+    assert parts.mean == (0.485, 0.456, 0.406) and parts.input_size is None  # a file says nothing: ImageNet's
 
 
 def test_local_weights_with_head_when_asked(tmp_path):
     src, path = _save_resnet(tmp_path, classes=3, suffix=".safetensors")
-    model, _ = build_model(ModelConfig(name="resnet18", weights=str(path), load_head=True), num_classes=3)
+    model, _, _ = build_model(ModelConfig(name="resnet18", weights=str(path), load_head=True), num_classes=3)
     assert torch.equal(model.fc.weight, src.fc.weight)
 
 
@@ -88,9 +93,9 @@ def test_headless_file_reports_missing_keys(tmp_path):
     state["extra.weight"] = torch.zeros(1)
     path = tmp_path / "partial.pth"
     torch.save(state, path)
-    _, report = build_model(ModelConfig(name="resnet18", weights=str(path)), num_classes=3)
-    assert "layer4.1.conv1.weight" in report["missing_keys"]
-    assert report["unexpected_keys"] == ["extra.weight"]
+    _, _, report = build_model(ModelConfig(name="resnet18", weights=str(path)), num_classes=3)
+    assert "layer4.1.conv1.weight" in report.missing_keys
+    assert report.unexpected_keys == ["extra.weight"]
 
 
 def test_wrong_architecture_file_is_an_error(tmp_path):
@@ -118,10 +123,11 @@ def test_enum_weights_from_the_torch_home_cache(tmp_path, monkeypatch):
     torch.manual_seed(3)
     reference = torchvision.models.resnet18()
     torch.save(reference.state_dict(), cached)  # stands in for the downloaded file
-    model, report = build_model(ModelConfig(name="resnet18", weights="IMAGENET1K_V1"), num_classes=4)
+    model, parts, report = build_model(ModelConfig(name="resnet18", weights="IMAGENET1K_V1"), num_classes=4)
     assert torch.equal(model.conv1.weight, reference.conv1.weight)
     assert model.fc.weight.shape == (4, 512)
-    assert report["normalization"]["mean"] == [0.485, 0.456, 0.406]
+    assert parts.mean == (0.485, 0.456, 0.406) and parts.std == (0.229, 0.224, 0.225) and parts.input_size == 224
+    assert report.source == str(cached)
 
 
 def test_enum_weights_offline_names_the_expected_file(tmp_path, monkeypatch):
@@ -149,3 +155,42 @@ def test_enum_weights_corrupt_cache_says_which_file_to_delete(tmp_path, monkeypa
 def test_unknown_weights_name_lists_valid_ones():
     with pytest.raises(UserError, match="IMAGENET1K_V1"):
         build_model(ModelConfig(name="resnet18", weights="IMAGENET22K"), 3)
+
+
+# --------------------------------------------------------------------------- every family
+
+
+def _meta_parts_cases():
+    classifiers = [pytest.param(n, None, id=n) for n in torchvision_families.classifier_names()]
+    return classifiers + [pytest.param(n, "segmentation", id=n) for n in torchvision_families.segmenter_names()]
+
+
+@pytest.mark.parametrize("name, task", _meta_parts_cases())
+def test_every_torchvision_model_resolves_to_parts(name, task):
+    """Every torchvision classifier and segmenter, on the meta device: the head prefixes hold the
+    new layers, the blocks partition the rest in registration order, aux outputs have a weight."""
+    model, parts, report = build_model(ModelConfig(name=name), 5, task, meta=True)
+    assert all(p.is_meta for p in model.parameters())
+    names = [n for n, _ in model.named_parameters()]
+    for prefix in parts.head_prefixes:
+        assert any(n.startswith(prefix + ".") for n in names), prefix
+    for layer in parts.head_layers:  # inside the head, with the new classes
+        assert parts.is_head(layer) and model.get_submodule(layer).weight.shape[0] == 5, layer
+    assert report.heads == list(parts.head_layers)
+    flat = [n for _, block in parts.blocks for n in block]
+    assert flat == [n for n in names if not parts.is_head(n)], "blocks partition the backbone, input to output"
+    assert len(parts.blocks) >= 3 and len({b for b, _ in parts.blocks}) == len(parts.blocks)
+    has_aux = len(parts.head_prefixes) > 1
+    assert (parts.aux_weight > 0) == has_aux
+
+
+def test_a_family_without_an_entry_names_the_file(monkeypatch):
+    monkeypatch.delitem(torchvision_families.FAMILIES, "resnet")
+    with pytest.raises(UserError) as info:
+        build_model(ModelConfig(name="resnet18"), 3)
+    message = str(info.value)
+    assert "\n" not in message
+    assert (
+        "torchvision.models.resnet" in message
+        and "needs an entry in ddp_finetune/models/torchvision_families.py" in message
+    )

@@ -9,12 +9,12 @@ import sys
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 
 from ddp_finetune.config import OptimConfig, ScheduleConfig, config_from_dict
 from ddp_finetune.errors import UserError
 from ddp_finetune.lr_plot import lr_plot_command, plot_lrs, plot_schedule, simulate_lrs
+from ddp_finetune.models import build_model, generic_parts
 from ddp_finetune.param_groups import build_param_groups, lr_log, make_optimizer
 from ddp_finetune.schedules import build_schedule, torch_scheduler_names, warmup_steps_of
 
@@ -31,7 +31,7 @@ def make_optimizer_groups(name: str = "sgd") -> torch.optim.Optimizer:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
     cfg = OptimConfig(name=name, lr=BACKBONE_LR, head_lr=HEAD_LR, weight_decay=1e-4)
-    return make_optimizer(build_param_groups(model, ["2"], cfg), cfg)
+    return make_optimizer(build_param_groups(model, generic_parts(model, ["2"]), cfg), cfg)
 
 
 def sched(**kw) -> ScheduleConfig:
@@ -328,11 +328,11 @@ def _plot_config(**schedule):
 
 def test_simulated_lrs_equal_a_manual_step_loop(tmp_path):
     cfg, spe = _plot_config(), 5
-    series = simulate_lrs(cfg, spe, head_prefixes=["fc"])
+    series = simulate_lrs(cfg, spe)
 
     # The same run by hand, on the real model's parameters.
-    model = torchvision.models.resnet18(num_classes=3)
-    optimizer = make_optimizer(build_param_groups(model, ["fc"], cfg.optim), cfg.optim)
+    model, parts, _ = build_model(cfg.model, 3)
+    optimizer = make_optimizer(build_param_groups(model, parts, cfg.optim), cfg.optim)
     schedule = build_schedule(cfg.schedule, optimizer, spe, cfg.train.epochs)
     manual: dict[str, list[float]] = {}
     for s in range(spe * cfg.train.epochs):
@@ -352,7 +352,7 @@ def test_simulated_lrs_equal_a_manual_step_loop(tmp_path):
 
 def test_plot_schedule_asks_models_for_the_head_and_draws_plateau_flat(tmp_path):
     cfg = _plot_config(name="ReduceLROnPlateau", warmup_steps=2)
-    series = simulate_lrs(cfg, 4)  # head from models.head_prefixes on a meta-device resnet18
+    series = simulate_lrs(cfg, 4)  # groups of models.build_model's meta-device resnet18
     assert series["lr/head"][2:] == [0.1] * 10  # flat after warmup: no metrics without training
     assert series["lr/backbone.layer4"][2:] == pytest.approx([0.007] * 10)
     out, description = plot_schedule(cfg, 4, tmp_path / "lr.png")

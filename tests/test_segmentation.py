@@ -36,15 +36,9 @@ from ddp_finetune.data import decide_classes, load_splits
 from ddp_finetune.datasets import build_datasets
 from ddp_finetune.errors import UserError
 from ddp_finetune.metrics import confusion_matrices, segmentation_metrics, segmentation_sample_stats
-from ddp_finetune.models import (
-    build_model,
-    cached_weights_path,
-    head_layers,
-    head_prefixes,
-    resolve_enum,
-    split_outputs,
-)
-from ddp_finetune.param_groups import backbone_blocks, build_param_groups
+from ddp_finetune.models import build_model, split_outputs
+from ddp_finetune.models.weights import cached_weights_path, resolve_enum
+from ddp_finetune.param_groups import build_param_groups
 
 LRASPP = "lraspp_mobilenet_v3_large"
 COLOURS = torch.tensor([(40, 40, 40), (230, 220, 60), (60, 120, 230)], dtype=torch.float32)  # datagen's classes
@@ -269,12 +263,12 @@ FAMILIES = {
 def test_family_head_swap_and_one_training_step(name):
     prefixes, layers = FAMILIES[name]
     torch.manual_seed(0)
-    model, report = build_model(ModelConfig(name=name), num_classes=4, task="segmentation")
-    assert head_prefixes(model) == prefixes and head_layers(model) == layers == report["heads"]
+    model, parts, report = build_model(ModelConfig(name=name), num_classes=4, task="segmentation")
+    assert list(parts.head_prefixes) == prefixes and list(parts.head_layers) == layers == report.heads
     for layer in layers:
         conv = model.get_submodule(layer)
         assert conv.weight.shape[:1] == (4,) and conv.kernel_size == (1, 1)
-    groups = build_param_groups(model, head_prefixes(model), OptimConfig())
+    groups = build_param_groups(model, parts, OptimConfig())
     head = {id(p) for g in groups if g["role"] == "head" for p in g["params"]}
     expected = {id(p) for root in prefixes for p in model.get_submodule(root).parameters()}
     assert head == expected, "the head group is the whole decoder head, not only the swapped convs"
@@ -284,7 +278,8 @@ def test_family_head_swap_and_one_training_step(name):
     out, aux = split_outputs(model(x))
     assert out.shape == (2, 4, 32, 32) and len(aux) == len(prefixes) - 1
     assert all(a.shape == out.shape for a in aux)
-    loss = F.cross_entropy(out, y) + sum(0.5 * F.cross_entropy(a, y) for a in aux)
+    assert parts.aux_weight == (0.5 if aux else 0.0)
+    loss = F.cross_entropy(out, y) + sum(parts.aux_weight * F.cross_entropy(a, y) for a in aux)
     weights = [model.get_submodule(layer).weight for layer in layers]
     before = [w.detach().clone() for w in weights]
     loss.backward()
@@ -294,8 +289,8 @@ def test_family_head_swap_and_one_training_step(name):
 
 
 def test_layer_decay_blocks_of_a_segmenter_backbone():
-    model, _ = build_model(ModelConfig(name="fcn_resnet50"), 3, "segmentation")
-    assert [b for b, _ in backbone_blocks(model, head_prefixes(model))] == [
+    _, parts, _ = build_model(ModelConfig(name="fcn_resnet50"), 3, "segmentation", meta=True)
+    assert [b for b, _ in parts.blocks] == [
         "stem",
         "backbone.layer1",
         "backbone.layer2",
@@ -324,7 +319,7 @@ def test_enum_weights_from_the_torch_home_cache(tmp_path, monkeypatch, name):
     extra = {} if name == LRASPP else {"aux_loss": True}
     reference = torchvision.models.get_model(name, weights=None, weights_backbone=None, **extra)
     torch.save(reference.state_dict(), cached)
-    model, report = build_model(ModelConfig(name=name, weights="DEFAULT"), num_classes=3, task="segmentation")
+    model, parts, _ = build_model(ModelConfig(name=name, weights="DEFAULT"), num_classes=3, task="segmentation")
     assert torch.equal(model.backbone["0"][0].weight, reference.backbone["0"][0].weight)
     root = FAMILIES[name][0][0]
     first = next(iter(model.get_submodule(root).parameters()))
@@ -332,7 +327,7 @@ def test_enum_weights_from_the_torch_home_cache(tmp_path, monkeypatch, name):
         "the pretrained decoder head is kept"
     )
     assert all(model.get_submodule(layer).weight.shape[0] == 3 for layer in FAMILIES[name][1])
-    assert report["normalization"]["std"] == [0.229, 0.224, 0.225]
+    assert parts.std == (0.229, 0.224, 0.225) and parts.input_size == 520
 
 
 def test_enum_weights_offline_names_the_expected_file(tmp_path, monkeypatch):
@@ -350,14 +345,14 @@ def test_local_weights_keep_the_decoder_and_swap_the_class_convs(tmp_path):
     torch.manual_seed(1)
     src = torchvision.models.get_model(LRASPP, weights=None, weights_backbone=None)  # 21 classes
     torch.save(src.state_dict(), tmp_path / "voc.pth")
-    model, report = build_model(ModelConfig(name=LRASPP, weights=str(tmp_path / "voc.pth")), 3, "segmentation")
-    assert sorted(report["skipped_head_keys"]) == [
+    model, _, report = build_model(ModelConfig(name=LRASPP, weights=str(tmp_path / "voc.pth")), 3, "segmentation")
+    assert sorted(report.skipped_head_keys) == [
         "classifier.high_classifier.bias",
         "classifier.high_classifier.weight",
         "classifier.low_classifier.bias",
         "classifier.low_classifier.weight",
     ]
-    assert report["missing_keys"] == [] and report["unexpected_keys"] == []
+    assert report.missing_keys == [] and report.unexpected_keys == []
     assert torch.equal(model.classifier.cbr[0].weight, src.classifier.cbr[0].weight)
     assert model.classifier.high_classifier.weight.shape == (3, 128, 1, 1)
 
@@ -387,7 +382,7 @@ def _val_reference(config_path, run_dir):
     """Pixel cross-entropy and accuracy of the final weights on the run's validation split, here."""
     cfg = load_config(config_path)
     _, val, classes, _ = datasets_of(cfg)
-    model, _ = build_model(cfg.model, classes.outputs, cfg.task)
+    model, _, _ = build_model(cfg.model, classes.outputs, cfg.task)
     model.load_state_dict(load_weights(run_dir))
     model.eval()
     xs, ys = zip(*(val[i] for i in range(len(val))))
@@ -498,7 +493,7 @@ def test_frozen_backbone_keeps_backbone_bn_statistics_and_trains_the_head_bn(tmp
     )
     fit_in_process(config)
     set_seed(0)  # what the run does before building the model: its initial weights
-    initial, _ = build_model(ModelConfig(name=LRASPP), 3, "segmentation")
+    initial, _, _ = build_model(ModelConfig(name=LRASPP), 3, "segmentation")
     start, end = initial.state_dict(), load_weights(tmp_path / "run")
     backbone_bn = [k for k in start if k.startswith("backbone.") and k.endswith("running_mean")]
     assert backbone_bn and all(torch.equal(start[k], end[k]) for k in backbone_bn)

@@ -1,0 +1,69 @@
+"""Build a model by name, load its weights, replace its head, and say what its parts are.
+
+    model, parts, report = build_model(cfg.model, num_classes=5, task=cfg.task)
+    logits, aux = split_outputs(model(x))   # loss = loss(logits) + parts.aux_weight * sum(aux losses)
+
+`Parts` (parts.py) is everything the rest of the package knows about a model: the head group,
+the replaced layers, the backbone blocks for layer decay, the auxiliary-loss weight and the
+normalization its weights expect. `LoadReport` says what was loaded.
+
+Where model knowledge lives:
+- torchvision classifiers and segmenters: one entry per family in `torchvision_families.py`;
+- weights (torchvision names, local `.pth` / `.safetensors`): `weights.py`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager, nullcontext
+
+from torch import nn
+
+from . import torchvision_families
+from .parts import IMAGENET_MEAN, IMAGENET_STD, LoadReport, Parts, generic_parts
+from .torchvision_families import split_outputs
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "LoadReport",
+    "Parts",
+    "build_model",
+    "check_model_name",
+    "generic_parts",
+    "split_outputs",
+]
+
+
+def check_model_name(name: str, task: str | None = None) -> None:
+    """A `UserError` unless `name` is a model this package builds for `task` (None: any task)."""
+    torchvision_families.check_model_name(name, task)
+
+
+def build_model(
+    model_cfg, num_classes: int, task: str | None = None, *, meta: bool = False
+) -> tuple[nn.Module, Parts, LoadReport]:
+    """The configured model with a new head for `num_classes`, its `Parts`, and what was loaded.
+
+    `task` checks the model's kind (segmenters only with `segmentation`); None accepts either.
+    `meta=True` builds the same architecture with the same `Parts` on the meta device (no
+    memory, no weights loaded: the lr plot's groups).
+    """
+    name = model_cfg.name
+    check_model_name(name, task)
+    with _empty_weights() if meta else nullcontext():
+        return torchvision_families.build(name, model_cfg.weights, num_classes, model_cfg.load_head, meta)
+
+
+@contextmanager
+def _empty_weights():
+    """Parameters on the meta device, everything else as usual.
+
+    Accelerate's `init_empty_weights` rather than `torch.device("meta")`: some builders compute
+    their layout from real tensors (RegNet's widths, timm's drop-path rates call `.tolist()`).
+    """
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # init warnings about meta tensors, GoogLeNet's init_weights
+        yield
