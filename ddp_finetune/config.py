@@ -68,9 +68,9 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "resnet18"
-    """Any `torchvision.models` classifier name (`torchvision.models.list_models(torchvision.models)`), or with `task: segmentation` any segmenter (`torchvision.models.list_models(torchvision.models.segmentation)`)."""
+    """Any `torchvision.models` classifier name (`torchvision.models.list_models(torchvision.models)`), or with `task: segmentation` any segmenter (`torchvision.models.list_models(torchvision.models.segmentation)`), or `timm/<name>` for any `timm.list_models()` name, optionally with a pretrained tag (`timm/resnet18.a1_in1k`; needs `pip install 'ddp-finetune[timm]'`)."""
     weights: str | None = None
-    """null (random init), a torchvision weights enum name (`DEFAULT`, `IMAGENET1K_V1`, ...; cached under `$TORCH_HOME/hub/checkpoints`), or a local `.pth` / `.safetensors` state dict."""
+    """null (random init), a torchvision weights enum name (`DEFAULT`, `IMAGENET1K_V1`, ...; cached under `$TORCH_HOME/hub/checkpoints`), for a timm model `DEFAULT` (its pretrained tag, from the Hugging Face cache), or a local `.pth` / `.safetensors` state dict."""
     num_classes: int | None = None
     """Classes of the new head; null: inferred from the dataset."""
     load_head: bool = False

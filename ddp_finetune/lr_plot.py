@@ -27,7 +27,9 @@ from .schedules import build_schedule
 
 def _meta_groups(cfg) -> list[dict]:
     """The configured model's parameter groups, its parameters on the meta device."""
-    model, parts, _ = build_model(cfg.model, cfg.model.num_classes or 2, cfg.task, meta=True)
+    model, parts, _ = build_model(
+        cfg.model, cfg.model.num_classes or 2, cfg.task, image_size=cfg.data.image_size, meta=True
+    )
     return build_param_groups(model, parts, cfg.optim)
 
 

@@ -98,7 +98,7 @@ def build_run(cfg: Config) -> Run:
     classes = decide_classes(cfg, splits)
     with accelerator.local_main_process_first():
         set_seed(cfg.seed)  # identical initial weights on every rank
-        model, parts, report = build_model(cfg.model, classes.outputs, cfg.task)
+        model, parts, report = build_model(cfg.model, classes.outputs, cfg.task, image_size=cfg.data.image_size)
     train_set, val_set = build_datasets(cfg, splits, classes, parts.mean, parts.std)
     train_loader, val_loader, sampler = build_loaders(cfg, train_set, val_set)
 

@@ -1,6 +1,7 @@
 """Model families: build by name, replace the head, train one step; weights from every source;
 every torchvision model resolves to Parts."""
 
+import sys
 import urllib.error
 
 import pytest
@@ -194,3 +195,9 @@ def test_a_family_without_an_entry_names_the_file(monkeypatch):
         "torchvision.models.resnet" in message
         and "needs an entry in ddp_finetune/models/torchvision_families.py" in message
     )
+
+
+def test_a_timm_name_without_timm_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # makes `import timm` fail
+    with pytest.raises(UserError, match=r"needs timm; install it with pip install 'ddp-finetune\[timm\]'"):
+        build_model(ModelConfig(name="timm/resnet18"), 3)

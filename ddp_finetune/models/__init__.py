@@ -9,6 +9,7 @@ normalization its weights expect. `LoadReport` says what was loaded.
 
 Where model knowledge lives:
 - torchvision classifiers and segmenters: one entry per family in `torchvision_families.py`;
+- timm models (`model.name: timm/<name>`): `timm_models.py`, which reads timm's own methods;
 - weights (torchvision names, local `.pth` / `.safetensors`): `weights.py`.
 """
 
@@ -19,7 +20,7 @@ from contextlib import contextmanager, nullcontext
 
 from torch import nn
 
-from . import torchvision_families
+from . import timm_models, torchvision_families
 from .parts import IMAGENET_MEAN, IMAGENET_STD, LoadReport, Parts, generic_parts
 from .torchvision_families import split_outputs
 
@@ -37,22 +38,31 @@ __all__ = [
 
 def check_model_name(name: str, task: str | None = None) -> None:
     """A `UserError` unless `name` is a model this package builds for `task` (None: any task)."""
-    torchvision_families.check_model_name(name, task)
+    if name.startswith(timm_models.PREFIX):
+        timm_models.check_model_name(name.removeprefix(timm_models.PREFIX), task)
+    else:
+        torchvision_families.check_model_name(name, task)
 
 
 def build_model(
-    model_cfg, num_classes: int, task: str | None = None, *, meta: bool = False
+    model_cfg, num_classes: int, task: str | None = None, *, image_size: int | None = None, meta: bool = False
 ) -> tuple[nn.Module, Parts, LoadReport]:
     """The configured model with a new head for `num_classes`, its `Parts`, and what was loaded.
 
     `task` checks the model's kind (segmenters only with `segmentation`); None accepts either.
+    `image_size` (`data.image_size`): timm models with a fixed input size (ViT, Swin, ...) are
+    set to it; None keeps their native size. torchvision models take any size they accept.
     `meta=True` builds the same architecture with the same `Parts` on the meta device (no
     memory, no weights loaded: the lr plot's groups).
     """
     name = model_cfg.name
     check_model_name(name, task)
+    weights, load_head = model_cfg.weights, model_cfg.load_head
     with _empty_weights() if meta else nullcontext():
-        return torchvision_families.build(name, model_cfg.weights, num_classes, model_cfg.load_head, meta)
+        if name.startswith(timm_models.PREFIX):
+            arch = name.removeprefix(timm_models.PREFIX)
+            return timm_models.build(arch, weights, num_classes, load_head, meta, image_size)
+        return torchvision_families.build(name, weights, num_classes, load_head, meta)
 
 
 @contextmanager

@@ -1,6 +1,6 @@
 """What the rest of the package knows about a model: its `Parts`, and what loading its weights did.
 
-`build_model` returns both; the family files (`torchvision_families.py`) fill
+`build_model` returns both; the family files (`torchvision_families.py`, `timm_models.py`) fill
 them in, and nothing outside `models/` looks at a model's module names.
 """
 

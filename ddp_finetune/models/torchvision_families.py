@@ -167,7 +167,7 @@ def build(name: str, weights: str | None, num_classes: int, load_head: bool, met
     replace_head(model, layers, num_classes)
     report.heads = list(layers)
     if weights is not None and enum is None and not meta:
-        W.load_local(model, weights, layers, load_head, report)
+        W.load_local(model, W.load_state_file(weights), weights, layers, load_head, report)
     blocks = split_blocks(model, heads, family.stem, family.containers, family.own)
     parts = Parts(head_prefixes=heads, head_layers=layers, blocks=blocks, aux_weight=family.aux_weight)
     if enum is not None:

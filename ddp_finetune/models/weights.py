@@ -107,13 +107,14 @@ def load_state_file(path: str | Path) -> dict:
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
 
 
-def load_local(model: nn.Module, path: str, heads: tuple[str, ...], load_head: bool, report: LoadReport) -> None:
-    """A local file into `model`, whose `heads` (the replaced layers) are new.
+def load_local(
+    model: nn.Module, state: dict, path: str, heads: tuple[str, ...], load_head: bool, report: LoadReport
+) -> None:
+    """`state` (from `load_state_file(path)`) into `model`, whose `heads` (the replaced layers) are new.
 
     The head's entries are loaded only with `load_head` and when their shape fits; a backbone
     entry of the wrong shape means the file is of another architecture (an error).
     """
-    state = load_state_file(path)
     own = model.state_dict()
     is_head = lambda k: any(under(k, h) for h in heads)  # noqa: E731
     filtered = {}
