@@ -22,7 +22,15 @@ def world_size() -> int:
 
 
 def rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
+    """This process's rank; before the process group exists, the launcher's `RANK` (so `print0`
+    prints once also while a run is starting, e.g. when it chooses the checkpoint to resume)."""
+    return dist.get_rank() if is_distributed() else launched_rank()
+
+
+def launched_rank() -> int:
+    """This process's rank as the launcher set it (`RANK`): known before any process group exists,
+    e.g. to let only the main process claim the output folder."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def make_accelerator(mixed_precision: str = "no", log_with=None, project_dir=None):
@@ -104,6 +112,31 @@ def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def broadcast_object(obj):
+    """The main process's `obj` on every rank (any picklable value); `obj` itself on 1 process.
+    Lets the ranks act on one decision that only the main process can make (what a cache holds,
+    how much space the output folder has)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank (`[obj]` on 1 process)."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def local_world_size() -> int:
+    """Processes on this node (the launcher's `LOCAL_WORLD_SIZE`; 1 without a launcher)."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 class _AllReduceSum(torch.autograd.Function):
