@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 
 from .data import Classes, Splits
 from .errors import UserError
-from .images import mask_array, open_rgb
+from .images import mask_array, open_rgb, read_row
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms, sample_rng
 
 
@@ -69,7 +69,7 @@ class ImageDataset(Dataset):
         return index
 
     def __getitem__(self, index):
-        row = self.ds[int(index)]
+        row = read_row(self.ds, int(index), f"row {int(index)}")
         image = open_rgb(row[self.image_column])
         if self.random:
             with sample_rng(self.seed, self.epoch, index):
@@ -97,9 +97,9 @@ class SegmentationDataset(Dataset):
     def __getitem__(self, index):
         from torchvision import tv_tensors
 
-        row = self.ds[int(index)]
-        image = open_rgb(row[self.image_column])
         where = f"{self.split} row {int(index)}"
+        row = read_row(self.ds, int(index), where)
+        image = open_rgb(row[self.image_column])
         mask = mask_array(row[self.mask_column], where)
         if mask.shape != (image.height, image.width):
             raise UserError(

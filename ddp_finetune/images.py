@@ -1,23 +1,145 @@
-"""Opening images and masks as the model needs them: RGB images, (H, W) int64 class-index masks."""
+"""Opening images and masks as the model needs them: RGB images, (H, W) int64 class-index masks.
+
+    image = open_rgb(row["image"])          # any PIL mode -> RGB, 16-bit scaled to 8-bit
+    problem = image_problem(value)           # None, or why an image file cannot be used (the start-up check)
+    row = read_row(hf_split, index, where)   # a row, or a UserError naming the file that cannot be read
+
+16-bit images (`I;16*`, and `I`, which older Pillow gives 16-bit PNGs) are scaled to 8 bits
+(x * 255 / 65535, rounded), not clipped: `Image.convert` would turn every value above 255 into
+white. Floating-point images (mode `F`) have no white level and are refused.
+"""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from .errors import UserError, first_line
+
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
-def open_rgb(image):
-    """A PIL image (or a path to one) in RGB: grayscale scans, RGBA screenshots, palette PNGs converted."""
+def rgb_problem(image) -> str | None:
+    """Why a (loaded) PIL image cannot become RGB, or None."""
+    if image.mode == "F":
+        return "mode F (floating point) has no white level; save it as an 8- or 16-bit image"
+    if image.mode == "I":
+        low, high = image.getextrema()
+        if low < 0 or high > 65535:
+            return f"mode I (32-bit) with values {low}..{high} outside 16-bit range; save it as an 8- or 16-bit image"
+    return None
+
+
+def to_rgb(image, where: str = "an image"):
+    """A PIL image in RGB: 16-bit scaled to 8 bits; grayscale, palette, CMYK, alpha modes converted."""
     from PIL import Image
 
+    if image.mode == "RGB":
+        return image
+    problem = rgb_problem(image)
+    if problem:
+        raise UserError(f"{where}: {problem}")
+    if image.mode in _SIXTEEN_BIT:
+        wide = np.asarray(image).astype(np.uint32)
+        image = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))  # 2-D uint8: mode L
+    try:
+        return image.convert("RGB")
+    except ValueError as exc:  # e.g. premultiplied "La"
+        raise UserError(
+            f"{where}: mode {image.mode} cannot be converted to RGB ({first_line(exc)}); save it as RGB"
+        ) from None
+
+
+def open_rgb(image, where: str | None = None):
+    """A PIL image (or a path to one) in RGB (see `to_rgb`)."""
     if isinstance(image, (str, Path)):
-        image = Image.open(image)
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    return image
+        try:
+            loaded = _open(image)
+            loaded.load()
+        except Exception as exc:
+            raise unreadable(str(image), _reason(exc)) from None
+        where, image = where or str(image), loaded
+    return to_rgb(image, where or getattr(image, "filename", "") or "an image")
+
+
+def unreadable(name: str, problem: str) -> UserError:
+    """The error for an image that stopped decoding after the start-up check."""
+    return UserError(
+        f"image {name} cannot be read ({problem}); replace or delete it "
+        "(a restart checks every image again; data.bad_images=skip trains without unreadable ones)"
+    )
+
+
+def _open(value):
+    """A PIL image from what a `datasets` Image column stores ({"bytes", "path"}) or a path."""
+    from PIL import Image
+
+    if isinstance(value, dict):
+        if value.get("bytes") is not None:
+            return Image.open(io.BytesIO(value["bytes"]))
+        if value.get("path") and ("://" in value["path"] or "::" in value["path"]):
+            import datasets  # a file inside a remote archive: only `datasets` knows how to fetch it
+
+            return datasets.Image().decode_example(value)
+        value = value.get("path")
+    if isinstance(value, (str, Path)):
+        if Path(value).is_file() and Path(value).stat().st_size == 0:
+            raise OSError("empty file (0 bytes)")
+        return Image.open(value)
+    raise OSError(f"not an image value ({type(value).__name__})")
+
+
+def image_problem(value, rgb: bool = True) -> str | None:
+    """None when `value` (a path or a {"bytes", "path"} dict) decodes fully, else the reason.
+
+    JPEGs decode at 1/8 scale (`draft`): every byte of the entropy-coded data is still read, so
+    truncation and corruption are found at a fraction of the cost. `rgb`: also refuse modes that
+    cannot become RGB (images; masks keep their own checks in `mask_array`).
+    """
+    try:
+        with _open(value) as image:
+            if image.format == "JPEG":
+                image.draft(image.mode, (1, 1))
+            image.load()
+            return rgb_problem(image) if rgb else None
+    except Exception as exc:  # truncated data (OSError), broken chunks (SyntaxError), bombs, ...
+        return _reason(exc)
+
+
+def _reason(exc: Exception) -> str:
+    from PIL import UnidentifiedImageError
+
+    if isinstance(exc, UnidentifiedImageError):  # its message names a BytesIO object for stored bytes
+        return "not an image file (unknown format or corrupt header)"
+    if isinstance(exc, FileNotFoundError):
+        return "file not found"
+    return first_line(exc)
+
+
+def value_name(value, fallback: str) -> str:
+    """The file behind an Image-column value, or `fallback` (images stored as bytes have none)."""
+    path = value.get("path") if isinstance(value, dict) else value
+    return str(path) if path else fallback
+
+
+def read_row(ds, index: int, where: str) -> dict:
+    """`ds[index]`; an image that no longer decodes (it went bad after the start-up check) becomes
+    a UserError naming its file, also from inside a DataLoader worker."""
+    try:
+        return ds[index]
+    except Exception:
+        import datasets
+
+        for column, feature in ds.features.items():
+            if not isinstance(feature, datasets.Image):
+                continue
+            raw = ds.select_columns([column]).with_format("arrow")[index : index + 1][column].to_pylist()[0]
+            problem = image_problem(raw, rgb=False)
+            if problem:
+                raise unreadable(value_name(raw, f"{where}, column {column!r}"), problem) from None
+        raise
 
 
 def mask_array(value, where: str) -> np.ndarray:
