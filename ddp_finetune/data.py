@@ -11,14 +11,16 @@ into (tensor, target) samples; `loaders.py` batches them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from .data_checks import IMAGE_SUFFIXES as _IMAGE_SUFFIXES
+from .data_checks import check_labels, empty_class_folders, explain_missing_labels
 from .errors import UserError, first_line
 from .images import mask_array
 
 _VAL_NAMES = ("validation", "val", "valid", "test")
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 _SEG_LAYOUT = "path/[<split>/]images/<name>.<ext> with path/[<split>/]masks/<name>.png"
 
 
@@ -31,6 +33,7 @@ class Splits:
     class_names: list[str]  # from the labels (classification tasks); data.class_names (segmentation)
     val_source: str  # which split, or "val_fraction"
     label_kind: str = "index"  # index (ClassLabel), values (map through class_names), multi_hot, mask
+    notes: list[str] = field(default_factory=list)  # warnings and what was skipped, for the start-up lines
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,13 @@ def _load_raw(data_cfg):
                 raise UserError(
                     f"data.path={path!r} is not a folder; imagefolder wants class sub-folders (path/<class>/<image>)"
                 )
-            return datasets.load_dataset("imagefolder", data_dir=str(path))
+            try:
+                return datasets.load_dataset("imagefolder", data_dir=str(path))
+            except datasets.data_files.EmptyDatasetError:
+                raise UserError(
+                    f"data.path={path!r} holds no images ({', '.join(_IMAGE_SUFFIXES)}); "
+                    "imagefolder wants one folder per class, path/<class>/<image>"
+                ) from None
         if source == "disk":
             try:
                 return datasets.load_from_disk(str(path))
@@ -135,6 +144,13 @@ def _load_segmentation_folder(data_cfg):
             data_cfg.mask_column: [str(base / "masks" / f"{f.stem}.png") for f in images],
         }
         out[split] = datasets.Dataset.from_dict(columns, features=features)
+        # the default fingerprint hashes the paths only: add sizes and times, so that the image
+        # check's cache (image_check.py) sees a file that changed
+        stats = hashlib.sha256(out[split]._fingerprint.encode())
+        for f in columns[data_cfg.image_column] + columns[data_cfg.mask_column]:
+            st = Path(f).stat()
+            stats.update(f"{f}|{st.st_size}|{st.st_mtime_ns}".encode())
+        out[split]._fingerprint = stats.hexdigest()[:16]
     return datasets.DatasetDict(out)
 
 
@@ -154,6 +170,10 @@ def load_splits(data_cfg, seed: int, task: str = "classification") -> Splits:
             f"data.train_split={data_cfg.train_split!r} is not in the dataset (splits: {', '.join(raw)}); set data.train_split"
         )
     train = raw[data_cfg.train_split]
+    folder = Path(data_cfg.path) if data_cfg.source == "imagefolder" and not segmentation else None
+    split_names = {data_cfg.train_split, *_VAL_NAMES, *raw}
+    if folder is not None and data_cfg.label_column == "label" and "label" not in train.column_names:
+        explain_missing_labels(folder, split_names)
     target = (
         ("data.mask_column", data_cfg.mask_column) if segmentation else ("data.label_column", data_cfg.label_column)
     )
@@ -187,7 +207,14 @@ def load_splits(data_cfg, seed: int, task: str = "classification") -> Splits:
             train=train, val=val, class_names=list(data_cfg.class_names or []), val_source=val_source, label_kind="mask"
         )
     names, kind = class_names(train, data_cfg.label_column)
-    return Splits(train=train, val=val, class_names=names, val_source=val_source, label_kind=kind)
+    notes = []
+    empty = empty_class_folders(folder, split_names) if folder is not None else []
+    if empty:
+        notes.append(
+            f"data: warning: the folders {', '.join(map(repr, empty))} of data.path hold no images, so they are "
+            f"not classes (classes: {', '.join(names)}); add images or remove the folders"
+        )
+    return Splits(train=train, val=val, class_names=names, val_source=val_source, label_kind=kind, notes=notes)
 
 
 def class_names(ds, label_column: str) -> tuple[list[str], str]:
@@ -245,14 +272,23 @@ def decide_classes(cfg, splits: Splits) -> Classes:
                 f"task=binary but {cfg.data.label_column!r} has {len(names)} classes ({', '.join(names[:5])}...); "
                 "use task=classification"
             )
-        return Classes(names=names, outputs=1, label_kind=kind)
+        classes = Classes(names=names, outputs=1, label_kind=kind)
+        check_labels(cfg.task, splits, classes, cfg.data.label_column)
+        return classes
     wanted = cfg.model.num_classes
     if wanted is not None and wanted < len(names):
         raise UserError(
             f"model.num_classes={wanted} but the labels have {len(names)} classes ({', '.join(names[:5])}...); "
             "set model.num_classes=null (inferred from the labels) or at least the number of classes"
         )
-    return Classes(names=names, outputs=wanted or len(names), label_kind=kind)
+    if (wanted or len(names)) < 2:
+        raise UserError(
+            f"the labels in {cfg.data.label_column!r} have {len(names)} class ({', '.join(names)}); "
+            "a classifier needs at least 2 classes: add images of another class"
+        )
+    classes = Classes(names=names, outputs=wanted or len(names), label_kind=kind)
+    check_labels(cfg.task, splits, classes, cfg.data.label_column)
+    return classes
 
 
 def _segmentation_classes(cfg, splits: Splits) -> Classes:
