@@ -49,6 +49,8 @@ class DataConfig:
     """Train-time RandomResizedCrop + horizontal flip, seeded per sample so every world size sees the same augmentation."""
     num_workers: int = 0
     """DataLoader worker processes per rank."""
+    bad_images: Literal["error", "skip"] = "error"
+    """Images that do not decode (found by a check of every image before training, cached per dataset): `error` stops with their list, `skip` trains without them."""
 
     def validate(self) -> None:
         if self.path is None:

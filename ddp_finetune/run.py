@@ -25,6 +25,7 @@ from .datasets import build_datasets
 from .errors import UserError
 from .freeze import BackboneFreeze
 from .guards import NonFiniteGuard
+from .image_check import check_images
 from .loaders import EpochSampler, build_loaders
 from .losses import build_loss, needs_statistics_pass
 from .models import LoadReport, Parts, build_model, check_model_name
@@ -95,6 +96,7 @@ def build_run(cfg: Config) -> Run:
     # the first rank of each node fills the node's caches (datasets, $TORCH_HOME), the others read
     with accelerator.local_main_process_first():
         splits = load_splits(cfg.data, cfg.seed, cfg.task)
+    splits = check_images(cfg, splits, cfg.output_dir)  # unreadable images: listed, or dropped with skip
     classes = decide_classes(cfg, splits)
     with accelerator.local_main_process_first():
         set_seed(cfg.seed)  # identical initial weights on every rank
@@ -160,6 +162,7 @@ def start_lines(run: Run) -> list[str]:
         f"data: {len(run.train_set)} train images, {len(run.splits.val)} validation ({run.splits.val_source}), "
         f"{run.classes.outputs} classes{classes_from}; global batch {cfg.train.batch_size} = {n} processes x {k} "
         f"accumulation x {cfg.train.batch_size // (n * k)} per micro-batch",
+        *run.splits.notes,
     ]
     loaded = run.load_report.describe()
     if loaded:

@@ -1,0 +1,183 @@
+"""Every image decoded once before training: unreadable files are listed (or skipped) at start-up,
+not found by a DataLoader worker hours into the run.
+
+    splits = check_images(cfg, splits, output_dir)    # after load_splits, on every rank
+
+The rows of each split are cut into one contiguous share per rank, and each rank decodes its
+share in a small thread pool (Pillow releases the GIL while decoding; JPEGs decode at 1/8 scale,
+which still reads every byte). The ranks gather what they found, so they all drop the same rows.
+The result is cached per split under the `datasets` cache, keyed by the split's fingerprint: for
+an image folder that fingerprint changes when a file is added, removed or modified, so a restart
+of the same data pays nothing and changed data is checked again. The main process reads the
+cache and tells the others, so every rank takes the same path even without a shared cache.
+
+`data.bad_images: error` (default) stops with one line: the count, the first few files and the
+file holding the full list (`<output_dir>/bad_images.txt`). `skip` drops those rows and says so
+in the start-up lines. A file that goes bad after the check is named by `images.read_row`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from . import distributed as dist_utils
+from .data import Splits
+from .errors import UserError
+from .images import image_problem, value_name
+
+CHECK_VERSION = 1  # bump when image_problem changes what it refuses: old cache entries no longer match
+BAD_LIST = "bad_images.txt"
+_CHUNK = 512  # rows read from the arrow table at a time
+_SHOWN = 3  # files named in the error line
+
+
+@dataclasses.dataclass(frozen=True)
+class BadImage:
+    split: str  # "train" or the validation split's name
+    row: int  # index in that split
+    name: str  # the file, or "train row 5, column 'image'" for images stored as bytes
+    reason: str
+
+
+def check_images(cfg, splits: Splits, output_dir) -> Splits:
+    """Raise a UserError listing unreadable images (`data.bad_images: error`), or return the splits
+    without them and a note for the start-up lines (`skip`)."""
+    columns = _columns(cfg, splits.train)
+    if not columns:
+        return splits
+    parts = {"train": splits.train, splits.val_source: splits.val}
+    start, scanned, bad = time.perf_counter(), 0, []
+    for name, ds in parts.items():
+        found, fresh = _check_split(name, ds, columns)
+        scanned += len(ds) if fresh else 0
+        bad += found
+    notes = list(splits.notes)
+    if scanned:
+        notes.append(
+            f"data: decoded {scanned} images to find unreadable ones in {time.perf_counter() - start:.1f} s "
+            f"on {dist_utils.world_size()} processes (cached: a restart on the same data skips this)"
+        )
+    listing = _write_list(output_dir, bad)
+    if not bad:
+        return dataclasses.replace(splits, notes=notes)
+    total = len(splits.train) + len(splits.val)
+    if cfg.data.bad_images == "error":
+        shown = ", ".join(f"{b.name} ({b.reason})" for b in bad[:_SHOWN])
+        more = f" and {len(bad) - _SHOWN} more" if len(bad) > _SHOWN else ""
+        raise UserError(
+            f"{len(bad)} of {total} images cannot be read: {shown}{more}; full list in {listing}; "
+            "replace or delete them, or set data.bad_images=skip to train without them"
+        )
+    kept = {name: _without(ds, {b.row for b in bad if b.split == name}) for name, ds in parts.items()}
+    notes.append(f"data: skipped {len(bad)} unreadable images of {total} (data.bad_images=skip; list in {listing})")
+    return dataclasses.replace(splits, train=kept["train"], val=kept[splits.val_source], notes=notes)
+
+
+def _columns(cfg, ds) -> list[tuple[str, bool]]:
+    """(column, must become RGB) for the image column and, for segmentation, the mask column: those
+    holding images (a `datasets.Image` feature) or paths to them."""
+    import datasets
+
+    wanted = [(cfg.data.image_column, True)]
+    if cfg.task == "segmentation":
+        wanted.append((cfg.data.mask_column, False))
+    out = []
+    for column, rgb in wanted:
+        feature = ds.features.get(column)
+        if isinstance(feature, datasets.Image) or getattr(feature, "dtype", None) == "string":
+            out.append((column, rgb))
+    return out
+
+
+def _check_split(name: str, ds, columns) -> tuple[list[BadImage], bool]:
+    """(bad images of one split, whether they were decoded now rather than read from the cache)."""
+    cache = _cache_file(ds, columns)
+    cached = dist_utils.broadcast_object(_read_cache(cache) if dist_utils.is_main_process() else None)
+    if cached is not None:
+        return [BadImage(name, *row) for row in cached], False
+    if dist_utils.is_main_process():
+        print(f"data: checking that the {len(ds)} {name} images decode ...", flush=True)
+    rank, world = dist_utils.rank(), dist_utils.world_size()
+    lo, hi = len(ds) * rank // world, len(ds) * (rank + 1) // world
+    mine = _scan(name, ds, columns, lo, hi)
+    found = sorted((b for share in dist_utils.gather_objects(mine) for b in share), key=lambda b: b.row)
+    if dist_utils.is_main_process():
+        _write_cache(cache, [[b.row, b.name, b.reason] for b in found])
+    return found, True
+
+
+def _scan(name: str, ds, columns, lo: int, hi: int) -> list[BadImage]:
+    table = ds.select_columns([c for c, _ in columns]).with_format("arrow")
+    threads = max(1, min(16, _cpus() // dist_utils.local_world_size()))
+    bad = []
+    with ThreadPoolExecutor(threads) as pool:
+        for start in range(lo, hi, _CHUNK):
+            chunk = table[start : min(start + _CHUNK, hi)]
+            for column, rgb in columns:
+                values = chunk[column].to_pylist()
+                problems = pool.map(lambda v, rgb=rgb: image_problem(v, rgb), values)
+                for offset, (value, problem) in enumerate(zip(values, problems)):
+                    if problem:
+                        row = start + offset
+                        bad.append(
+                            BadImage(name, row, value_name(value, f"{name} row {row}, column {column!r}"), problem)
+                        )
+    return bad
+
+
+def _without(ds, rows: set[int]):
+    return ds.select([i for i in range(len(ds)) if i not in rows]) if rows else ds
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # what SLURM / taskset gave this process
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+# --------------------------------------------------------------------------- cache and list
+
+
+def _cache_file(ds, columns) -> Path:
+    import datasets
+
+    key = hashlib.sha256(f"{CHECK_VERSION}|{ds._fingerprint}|{columns}".encode()).hexdigest()[:24]
+    return Path(datasets.config.HF_DATASETS_CACHE) / "ddp_finetune_image_check" / f"{key}.json"
+
+
+def _read_cache(path: Path) -> list | None:
+    try:
+        return json.loads(path.read_text())["bad"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_cache(path: Path, bad: list) -> None:
+    """Atomically; a cache that cannot be written (read-only shared cache) only costs the next start."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({"version": CHECK_VERSION, "bad": bad}))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def _write_list(output_dir, bad: list[BadImage]) -> Path:
+    """`<output_dir>/bad_images.txt`, one tab-separated line per image (split, row, file, reason);
+    removed when nothing is bad, so a stale list never describes the current data."""
+    path = Path(output_dir) / BAD_LIST
+    if dist_utils.is_main_process():
+        if bad:
+            lines = "".join(f"{b.split}\t{b.row}\t{b.name}\t{b.reason}\n" for b in bad)
+            path.write_text("split\trow\tfile\treason\n" + lines)
+        else:
+            path.unlink(missing_ok=True)
+    return path
