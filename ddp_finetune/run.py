@@ -29,6 +29,7 @@ from .image_check import check_images
 from .loaders import EpochSampler, build_loaders
 from .losses import build_loss, needs_statistics_pass
 from .models import LoadReport, Parts, build_model, check_model_name
+from .output_dir import check_free_space
 from .param_groups import build_param_groups, describe_groups, make_optimizer
 from .schedules import Schedule, build_schedule
 from .tracking import log_with
@@ -101,6 +102,7 @@ def build_run(cfg: Config) -> Run:
     with accelerator.local_main_process_first():
         set_seed(cfg.seed)  # identical initial weights on every rank
         model, parts, report = build_model(cfg.model, classes.outputs, cfg.task, image_size=cfg.data.image_size)
+    check_free_space(cfg, model)
     train_set, val_set = build_datasets(cfg, splits, classes, parts.mean, parts.std)
     train_loader, val_loader, sampler = build_loaders(cfg, train_set, val_set)
 

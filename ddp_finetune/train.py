@@ -29,6 +29,7 @@ from .evaluate import evaluate
 from .guards import all_finite
 from .losses import check_targets, needs_statistics_pass
 from .models import split_outputs
+from .output_dir import claim_output_dir
 from .param_groups import lr_log
 from .preemption import EXIT_PREEMPTED, PREEMPTED_FILE, StopWatcher
 from .run import Run, build_run, start_lines
@@ -315,6 +316,11 @@ def _epochs(run: Run, progress: Progress, log: MetricsLog, watcher: StopWatcher,
 
 def fit(cfg: Config) -> dict:
     """Train (or resume) per the config; returns the summary also written to summary.json."""
+    with claim_output_dir(cfg.output_dir):  # checked, locked for the run's life, leftovers removed
+        return _fit(cfg)
+
+
+def _fit(cfg: Config) -> dict:
     t0 = time.perf_counter()
     resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, cfg.output_dir)
     _refuse_mixing_runs(cfg, resume_from)
