@@ -23,6 +23,7 @@ from . import distributed as dist_utils
 from .errors import UserError
 from .manifest import STATE_FILE, checkpoint_problem, has_manifest, write_manifest
 from .output_dir import is_disk_full
+from .resume_check import check_fits, load_failure
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -153,9 +154,18 @@ def _abandon_full_save(accelerator, tmp: Path, output_dir, step: int) -> None:
     )
 
 
-def load_checkpoint(accelerator, path: Path) -> dict:
-    """Restore everything `save_checkpoint` saved; returns the trainer state."""
-    accelerator.load_state(str(path))
+def load_checkpoint(accelerator, path: Path, config_text: str | None = None) -> dict:
+    """Restore everything `save_checkpoint` saved; returns the trainer state. With `config_text`
+    (the resuming run's config), a checkpoint of another model is a one-line error naming the
+    differing keys, not a `load_state_dict` traceback."""
+    if config_text is not None:
+        check_fits(accelerator, path, config_text)
+    try:
+        accelerator.load_state(str(path))
+    except (RuntimeError, ValueError, KeyError) as exc:
+        if config_text is None:
+            raise
+        raise load_failure(path, exc, config_text) from None
     return json.loads((Path(path) / STATE_FILE).read_text())
 
 

@@ -330,7 +330,7 @@ def _fit(cfg: Config) -> dict:
     if resume_from is not None:
         # a checkpoint taken on an epoch's last step resumes into that epoch with nothing left to
         # train: it still runs the epoch's evaluation and epoch-end schedule step
-        progress = Progress(**ckpt.load_checkpoint(a, resume_from))
+        progress = Progress(**ckpt.load_checkpoint(a, resume_from, dump_config(cfg)))
     for line in start_lines(run):
         dist_utils.print0(line)
     if resume_from is not None:
