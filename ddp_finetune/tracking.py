@@ -73,28 +73,33 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 class MetricsLog:
     """Append-only `metrics.jsonl`, one JSON object per log event, mirrored to the trackers.
 
-    On resume, records after the resumed step are dropped first, so a run that was interrupted
-    and resumed has the same metrics file as one that never stopped.
+    Each (split, step) record appears once, in step order, after any sequence of interruptions
+    and resumes. On resume, records after the resumed step are dropped first (the resumed run
+    writes them again), and so is a line cut short by a kill. A record of the resumed step itself
+    may be logged again (an epoch's validation written before a kill, its checkpoint taken after
+    the epoch's last step; a finished run resumed with `auto`): the new one replaces the old.
     """
 
     def __init__(self, accelerator, output_dir, resume_step: int | None = None):
         self.accelerator = accelerator
         self.path = Path(output_dir) / "metrics.jsonl"
+        self._resumed: set[tuple] = set()  # (split, step) records of the resumed step, replaced if logged again
         if accelerator.is_main_process:
             if resume_step is None:
                 self.path.write_text("")
             elif self.path.exists():
-                kept = [
-                    line
-                    for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step
-                ]
-                self.path.write_text("".join(k + "\n" for k in kept))
+                kept = [r for r in _records(self.path) if r.get("step", 0) <= resume_step]
+                self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+                self._resumed = {_key(r) for r in kept if r.get("step") == resume_step}
 
     def log(self, record: dict) -> None:
         if not self.accelerator.is_main_process:
             return
         clean = {k: _json_value(v) for k, v in record.items()}
+        if _key(clean) in self._resumed:
+            self._resumed.discard(_key(clean))
+            others = [r for r in _records(self.path) if _key(r) != _key(clean)]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in others))
         with self.path.open("a") as f:
             f.write(json.dumps(clean) + "\n")
         split = record.get("split", "train")
@@ -105,6 +110,21 @@ class MetricsLog:
         }
         if self.accelerator.trackers:
             self.accelerator.log(numeric, step=int(record["step"]))
+
+
+def _key(record: dict) -> tuple:
+    return record.get("split", "train"), record.get("step")
+
+
+def _records(path: Path) -> list[dict]:
+    """The file's records; a line cut short (the process was killed while writing it) is dropped."""
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
 
 
 def _json_value(v):
