@@ -14,10 +14,11 @@ the run to its end, whatever the end (exception, preemption). The kernel drops i
 process dies, even by SIGKILL, so a lock left by a dead run cannot block the next one; the file
 keeps the holder's pid, host, start time and SLURM job for the message a second run gets (exit
 2). DataLoader workers do not inherit it (record locks belong to a process). On NFS the
-server's lock manager holds it across nodes: a node that crashes keeps it until its lease ends
-(90 s by default for NFSv4), long before SLURM declares the node dead and requeues the job
-elsewhere. A filesystem without locks (e.g. Lustre mounted without `flock`) gets a warning
-and no lock.
+server's lock manager holds it across nodes and frees a crashed client's locks when its lease
+expires (NFSv4: 90 s by default; not measured here): a job requeued onto another node before
+that is refused with exit 2 and can simply be started again. A preempted job exits before it
+is requeued, so its lock is already free. A filesystem without locks (e.g. Lustre mounted
+without `flock`) gets a warning and no lock.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def prepare(output_dir) -> Path:
     probe = out / f".write-test-{os.getpid()}"
     try:
         probe.write_bytes(b"ok")
-        probe.unlink()
+        probe.unlink(missing_ok=True)
     except OSError as exc:
         with contextlib.suppress(OSError):
             probe.unlink()
