@@ -55,7 +55,7 @@ def check_images(cfg, splits: Splits, output_dir) -> Splits:
     start, scanned, bad = time.perf_counter(), 0, []
     for name, ds in parts.items():
         found, fresh = _check_split(name, ds, columns)
-        scanned += len(ds) if fresh else 0
+        scanned += len(ds) * len(columns) if fresh else 0
         bad += found
     notes = list(splits.notes)
     if scanned:
@@ -66,7 +66,7 @@ def check_images(cfg, splits: Splits, output_dir) -> Splits:
     listing = _write_list(output_dir, bad)
     if not bad:
         return dataclasses.replace(splits, notes=notes)
-    total = len(splits.train) + len(splits.val)
+    total = (len(splits.train) + len(splits.val)) * len(columns)  # segmentation: images and masks
     if cfg.data.bad_images == "error":
         shown = ", ".join(f"{b.name} ({b.reason})" for b in bad[:_SHOWN])
         more = f" and {len(bad) - _SHOWN} more" if len(bad) > _SHOWN else ""

@@ -113,6 +113,18 @@ def test_the_image_check_is_cached_per_dataset(tmp_path, image_folder, hf_cache,
     assert len(calls) > 24
 
 
+def test_segmentation_masks_are_checked_too(tmp_path, hf_cache):
+    from datagen import make_mask_folder
+
+    from ddp_finetune import image_check
+
+    root = make_mask_folder(tmp_path / "shapes", n=8, size=16)
+    (root / "masks" / "003.png").write_bytes(b"")
+    cfg = config_from_dict({"task": "segmentation", "data": {"path": str(root)}, "output_dir": str(tmp_path)})
+    with pytest.raises(UserError, match=r"1 of 16 images cannot be read: .*masks/003.png \(empty file"):
+        image_check.check_images(cfg, load_splits(cfg.data, 0, "segmentation"), tmp_path)
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_an_image_that_goes_bad_during_training_is_one_line(tmp_path, image_folder, hf_cache, monkeypatch, workers):
     from ddp_finetune import image_check
