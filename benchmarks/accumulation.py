@@ -18,6 +18,7 @@ import platform
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,10 +35,25 @@ MODELS = {
 
 
 def seconds_per_step(config, steps: int) -> float:
+    """Median wall time of `train.optimizer_step` (forward, backward, update) over the run's steps
+    after the first (which pays one-time costs)."""
     from helpers import fit_in_process
 
-    summary = fit_in_process(config, f"train.max_steps={steps}")
-    return 32 / summary["images_per_second"]  # images/s over the training steps only; 32 images per step
+    from ddp_finetune import train
+
+    times, original = [], train.optimizer_step
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        original(*args, **kwargs)
+        times.append(time.perf_counter() - start)
+
+    train.optimizer_step = timed
+    try:
+        fit_in_process(config, f"train.max_steps={steps}")
+    finally:
+        train.optimizer_step = original
+    return statistics.median(times[1:])
 
 
 def main() -> None:
@@ -50,8 +66,8 @@ def main() -> None:
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ddpf-accum-"))
     data = {
-        "binary": make_image_folder(tmp / "binary", classes=("no", "yes"), per_class=64, size=64),
-        "segmentation": make_mask_disk(tmp / "masks", n=96, size=64, ignore_border=True),
+        "binary": make_image_folder(tmp / "binary", classes=("no", "yes"), per_class=100, size=64),
+        "segmentation": make_mask_disk(tmp / "masks", n=200, size=64, ignore_border=True),
     }
     rows = []
     for name, spec in MODELS.items():

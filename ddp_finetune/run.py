@@ -158,11 +158,14 @@ def start_lines(run: Run) -> list[str]:
     layout = dist_utils.layout()
     n, k = a.num_processes, cfg.train.grad_accum
     classes_from = f" (from {run.classes.source})" if run.classes.source else ""
+    if cfg.task == "binary":
+        classes_from = f" ({', '.join(run.classes.names)}) as one logit"
+    count = len(run.classes.names) if cfg.task == "binary" else run.classes.outputs
     lines = [
         f"ddp-finetune: world size {n} (node rank {layout['node_rank']} of {layout['num_nodes']}, "
         f"main address {layout['main_address']}), device {a.device}, mixed precision {cfg.train.mixed_precision}",
         f"data: {len(run.train_set)} train images, {len(run.splits.val)} validation ({run.splits.val_source}), "
-        f"{run.classes.outputs} classes{classes_from}; global batch {cfg.train.batch_size} = {n} processes x {k} "
+        f"{count} classes{classes_from}; global batch {cfg.train.batch_size} = {n} processes x {k} "
         f"accumulation x {cfg.train.batch_size // (n * k)} per micro-batch",
         *run.splits.notes,
     ]
