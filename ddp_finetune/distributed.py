@@ -29,8 +29,13 @@ def rank() -> int:
 
 def launched_rank() -> int:
     """This process's rank as the launcher set it (`RANK`): known before any process group exists,
-    e.g. to let only the main process claim the output folder."""
+    e.g. to let only the main process claim the output folder, or for the prefix of an error."""
     return int(os.environ.get("RANK", "0"))
+
+
+def launched_world_size() -> int:
+    """How many processes the launcher started (`WORLD_SIZE`; 1 without a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def make_accelerator(mixed_precision: str = "no", log_with=None, project_dir=None):
@@ -78,7 +83,7 @@ def check_world_size(num_processes: int) -> None:
             "`accelerate launch --cpu --num_processes N` starts ONE process, not N; for N gloo ranks on CPU use "
             "`accelerate launch --multi_gpu --num_processes N` (or --config_file launch/cpu_2proc.yaml)"
         )
-    launched = int(env.get("WORLD_SIZE", "1"))
+    launched = launched_world_size()
     if launched != num_processes:
         raise UserError(
             f"the launcher started WORLD_SIZE={launched} processes but the Accelerator sees "
