@@ -1,9 +1,11 @@
 """One typed, nested config: YAML values, `a.b=value` overrides, validation.
 
-    cfg = load_config("configs/digits_finetune.yaml", ["train.epochs=3", "optim.lr=0.01"])
+    cfg = load_config("my_run.yaml", ["train.epochs=3", "optim.lr=0.01"])
+    cfg = load_config("@digits_source")   # a config shipped inside the package (ddp_finetune/configs/)
 
-Every field has a default and a one-line docstring (the README's reference is generated from
-the same text). Unknown keys and wrong types are `UserError`s that list the valid keys.
+Every field has a default and a one-line docstring: the README's reference and the starter
+configs of `ddp-finetune init` are made from the same text (`reference_rows`). Unknown keys
+and wrong types are `UserError`s that list the valid keys.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import difflib
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -481,11 +484,41 @@ def _validate_key_path(dotted: str) -> None:
             return
 
 
+SHIPPED_PREFIX = "@"
+"""`@NAME` names the config `ddp_finetune/configs/NAME.yaml` shipped inside the package."""
+
+
+def _shipped_folder():
+    # importlib.resources, not a path next to __file__: the same for a wheel, `pip install .` and `-e .`
+    return resources.files("ddp_finetune") / "configs"
+
+
+def shipped_configs() -> list[str]:
+    """Names of the configs shipped inside the package, each usable as `@NAME`."""
+    return sorted(f.name.removesuffix(".yaml") for f in _shipped_folder().iterdir() if f.name.endswith(".yaml"))
+
+
+def _shipped_list() -> str:
+    return ", ".join(SHIPPED_PREFIX + name for name in shipped_configs())
+
+
+def config_source(path: str | Path):
+    """The file a config argument names: `@NAME` (shipped) or a path; a Path or a resources Traversable."""
+    text = str(path)
+    if not text.startswith(SHIPPED_PREFIX):
+        return Path(path)
+    name = text[len(SHIPPED_PREFIX) :].removesuffix(".yaml")
+    if name not in shipped_configs():
+        raise UserError(f"{text!r} is not a shipped config; the shipped ones are {_shipped_list()}")
+    return _shipped_folder() / f"{name}.yaml"
+
+
 def load_yaml(path: str | Path) -> dict:
-    p = Path(path)
+    p = config_source(path)
     if not p.is_file():
         raise UserError(
-            f"config file {str(p)!r} does not exist; give the path to a YAML config, e.g. configs/digits_finetune.yaml"
+            f"config file {str(p)!r} does not exist; give the path to a YAML config (write one with "
+            f"`ddp-finetune init`) or a shipped one: {_shipped_list()}"
         )
     try:
         data = yaml.safe_load(p.read_text())
@@ -521,6 +554,11 @@ def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
+def flow_yaml(value: Any) -> str:
+    """One value as YAML on one line (`null`, `true`, `[0.9, 0.999]`, `'no'`): how the reference shows defaults."""
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
 def reference_rows() -> list[tuple[str, str, str]]:
     """(key, default, doc) for every config key, in order: the README's reference table."""
     import ast
@@ -550,7 +588,7 @@ def reference_rows() -> list[tuple[str, str, str]]:
                 rows.append(
                     (
                         prefix + f.name,
-                        yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip(),
+                        flow_yaml(value),
                         docs.get(f.name, ""),
                     )
                 )

@@ -1,14 +1,16 @@
-"""Config parsing, overrides, validation, and every config file under configs/."""
+"""Config parsing, overrides, validation, and every config shipped under ddp_finetune/configs/."""
 
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from ddp_finetune.config import Config, config_from_dict, dump_config, load_config, reference_rows
+from ddp_finetune.config import Config, config_from_dict, dump_config, load_config, reference_rows, shipped_configs
 from ddp_finetune.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "ddp_finetune" / "configs"
 
 
 def test_defaults_and_nested_values():
@@ -98,10 +100,25 @@ def test_reference_covers_every_key():
     assert all(doc for _, _, doc in rows), [k for k, _, d in rows if not d]
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: str(p.relative_to(ROOT)))
-def test_every_shipped_config_loads(path):
+def test_shipped_configs_are_the_yaml_files_of_the_package_folder():
+    assert shipped_configs() == sorted(p.stem for p in CONFIGS.rglob("*.yaml"))
+    assert {"digits_source", "digits_target", "segmentation_example"} <= set(shipped_configs())
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_shipped_config_loads_by_path_and_by_name(path):
     cfg = load_config(path)
     assert isinstance(cfg, Config)
-    first = path.read_text().splitlines()[0]
-    assert first.startswith("#"), "each config starts with a comment giving the command that runs it"
-    assert "ddp-finetune" in path.read_text().split("\n\n")[0] or "accelerate launch" in path.read_text()
+    assert load_config(f"@{path.stem}") == cfg
+    text = path.read_text()
+    assert text.startswith("# ddp-finetune "), "each config starts with the command that runs it"
+    assert f"@{path.stem}" in text.split("\n\n")[0], "the header names the config as users type it"
+
+
+def test_missing_config_names_only_configs_that_exist(tmp_path):
+    for name in (str(tmp_path / "nope.yaml"), "@nope"):
+        with pytest.raises(UserError) as info:
+            load_config(name)
+        named = re.findall(r"@\w+", str(info.value))
+        assert named and set(named) - {"@nope"} == {f"@{n}" for n in shipped_configs()}
+        assert "configs/" not in str(info.value)
