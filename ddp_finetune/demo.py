@@ -1,24 +1,30 @@
-"""`ddp-finetune demo`: real transfer learning, offline, in a few minutes on 2 CPU cores.
+"""`ddp-finetune demo`: real transfer learning, offline, in about a minute on 2 CPU cores.
 
 1. Write an image folder from the 1,797 handwritten digits scikit-learn ships in its wheel
    (real 8x8 scans, upsampled to 32x32 grayscale PNGs).
-2. Source task: train a ResNet-18 from scratch on digits 0-4 (`configs/digits_source.yaml`).
+2. Source task: train a ResNet-18 from scratch on digits 0-4 (`@digits_source`).
 3. Target task: digits 5-9 with only a few labelled images per class. Fine-tune from the source
-   weights, loaded from the local .safetensors file with a fresh head
-   (`configs/digits_target.yaml`), and train the same model from scratch on the same budget.
+   weights, loaded from the local .safetensors file with a fresh head (`@digits_target`), and
+   train the same model from scratch on the same budget.
 4. Print the target accuracy of both.
+
+`ddp-finetune demo --task segmentation` writes synthetic shapes (`shapes.py`) and trains
+LR-ASPP on them from scratch (`@segmentation_example`).
+
+The `@NAME` configs ship inside the package (ddp_finetune/configs/NAME.yaml).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 from .errors import UserError
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+DEMO_TASKS = ("classification", "segmentation")
+DEFAULT_OUT = {"classification": "runs/demo", "segmentation": "runs/demo_segmentation"}
+SHAPES_PER_SPLIT, SHAPES_SIZE = 48, 64  # the segmentation demo's data: images per split, side in pixels
 SOURCE_DIGITS = (0, 1, 2, 3, 4)
 TARGET_DIGITS = (5, 6, 7, 8, 9)
 
@@ -63,17 +69,35 @@ def make_digits_folders(
     return counts
 
 
-def run_demo(out="runs/demo", overrides=()) -> dict:
+def run_demo(out=None, overrides=(), task: str = "classification") -> dict:
+    """The demo of `task` under `out` (default `DEFAULT_OUT[task]`); `overrides` apply to every run."""
+    from .distributed import launched_world_size
+
+    if task not in DEMO_TASKS:
+        raise UserError(f"demo --task {task!r} is not one of {', '.join(DEMO_TASKS)}")
+    if launched_world_size() > 1:
+        # the demo writes its data set before any training starts: one process does it all
+        example = "@digits_source" if task == "classification" else "@segmentation_example"
+        raise UserError(
+            "ddp-finetune demo runs in one process; to try several, run its configs under accelerate launch, e.g. "
+            f"accelerate launch --multi_gpu --num_processes 2 -m ddp_finetune train {example} (after the demo wrote its data)"
+        )
+    out = Path(out or DEFAULT_OUT[task])
+    if task == "segmentation":
+        return run_segmentation_demo(out, overrides)
+    return run_classification_demo(out, overrides)
+
+
+def _start_over(run_dir: Path) -> None:
+    if run_dir.exists():  # the demo's own run from an earlier `ddp-finetune demo`: start over
+        print(f"demo: replacing the earlier demo run {run_dir}", flush=True)
+        shutil.rmtree(run_dir)
+
+
+def run_classification_demo(out: Path, overrides=()) -> dict:
     from .config import load_config
     from .train import fit
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # the demo writes its data set before any training starts: one process does it all
-        raise UserError(
-            "ddp-finetune demo runs in one process; to try several, run its configs under accelerate launch, e.g. "
-            "accelerate launch --config_file launch/cpu_2proc.yaml -m ddp_finetune train configs/digits_source.yaml"
-        )
-    out = Path(out)
     data = out / "data"
     if not (data / "digits_target" / "validation").is_dir():
         counts = make_digits_folders(data)
@@ -84,13 +108,9 @@ def run_demo(out="runs/demo", overrides=()) -> dict:
         )
     source_dir, target_dir = out / "source", out / "target_finetuned"
     for run_dir in (source_dir, target_dir, out / "target_scratch"):
-        if run_dir.exists():  # the demo's own runs from an earlier `ddp-finetune demo`: start over
-            print(f"demo: replacing the earlier demo run {run_dir}", flush=True)
-            shutil.rmtree(run_dir)
+        _start_over(run_dir)
     common = [*overrides]
-    source = load_config(
-        CONFIGS / "digits_source.yaml", [f"output_dir={source_dir}", f"data.path={data / 'digits_source'}", *common]
-    )
+    source = load_config("@digits_source", [f"output_dir={source_dir}", f"data.path={data / 'digits_source'}", *common])
     print("\n== 1/3 source task: ResNet-18 from scratch on digits 0-4", flush=True)
     source_summary = fit(source)
     weights = source_summary["final_weights"]
@@ -102,7 +122,7 @@ def run_demo(out="runs/demo", overrides=()) -> dict:
     ):
         print(f"\n== {'2/3' if weights_value != 'null' else '3/3'} target task, digits 5-9: {label}", flush=True)
         cfg = load_config(
-            CONFIGS / "digits_target.yaml",
+            "@digits_target",
             [f"output_dir={run_dir}", f"data.path={data / 'digits_target'}", f"model.weights={weights_value}", *common],
         )
         results[label] = fit(cfg)
@@ -120,5 +140,40 @@ def run_demo(out="runs/demo", overrides=()) -> dict:
     )
     (out / "results.md").write_text(text + "\n")
     summary = {"source": source_summary, **results}
+    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def run_segmentation_demo(out: Path, overrides=()) -> dict:
+    """Shapes under `out/data` (`SHAPES_PER_SPLIT` training and validation images), LR-ASPP in `out/lraspp`."""
+    from .config import load_config
+    from .shapes import CLASS_NAMES, make_mask_folder
+    from .train import fit
+
+    data, run_dir = out / "data", out / "lraspp"
+    if not (data / "validation" / "masks").is_dir():
+        make_mask_folder(data, n=SHAPES_PER_SPLIT, size=SHAPES_SIZE, splits=["train", "validation"])
+        print(
+            f"demo: wrote {SHAPES_PER_SPLIT} training and {SHAPES_PER_SPLIT} validation {SHAPES_SIZE}x{SHAPES_SIZE} "
+            f"images with masks under {data} "
+            f"(classes {', '.join(f'{i} {name}' for i, name in enumerate(CLASS_NAMES))})",
+            flush=True,
+        )
+    _start_over(run_dir)
+    cfg = load_config("@segmentation_example", [f"output_dir={run_dir}", f"data.path={data}", *overrides])
+    print(f"\n== {cfg.model.name} from scratch on the shapes (@segmentation_example)", flush=True)
+    summary = fit(cfg)
+    val = summary["val"]
+    names = ("mean_iou", "pixel_accuracy", "dice", "loss")
+    cells = " | ".join(f"{val.get(name, float('nan')):.3f}" for name in names)
+    table = "\n".join(
+        [
+            f"| shapes ({SHAPES_PER_SPLIT} validation images) | {' | '.join(names)} | optimizer steps |",
+            "|---" * (len(names) + 2) + "|",
+            f"| {cfg.model.name} | {cells} | {summary['steps']} |",
+        ]
+    )
+    print(f"\n{table}", flush=True)
+    (out / "results.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

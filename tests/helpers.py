@@ -47,14 +47,15 @@ def child_env() -> dict:
     return env
 
 
-def run_cli(*args, timeout=600, check=True) -> subprocess.CompletedProcess:
+def run_cli(*args, timeout=600, check=True, env=None, cwd=ROOT) -> subprocess.CompletedProcess:
+    """`python -m ddp_finetune ARGS` in a child process; `env`: extra environment variables."""
     proc = subprocess.run(
         [sys.executable, "-m", "ddp_finetune", *map(str, args)],
         capture_output=True,
         text=True,
-        env=child_env(),
+        env={**child_env(), **(env or {})},
         timeout=timeout,
-        cwd=ROOT,
+        cwd=cwd,
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}")

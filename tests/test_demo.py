@@ -1,15 +1,36 @@
-"""The demo end to end, on a tiny budget: data from scikit-learn's digits, source, target, table."""
+"""The demos end to end, on a tiny budget: digits (source, target, table) and segmentation shapes."""
 
+import importlib.util
 import json
 
 import pytest
 from accelerate.state import AcceleratorState, GradientState
+from helpers import run_cli
 
-pytest.importorskip("sklearn", reason="the demo's digits come from scikit-learn: pip install 'ddp-finetune[demo]'")
-
-from ddp_finetune.demo import make_digits_folders, run_demo  # noqa: E402
+from ddp_finetune.demo import SHAPES_PER_SPLIT, make_digits_folders, run_demo
 
 
+def test_segmentation_demo_writes_its_shapes_and_trains_lraspp(tmp_path):
+    # a real process started in another folder: the demo needs no file of tests/
+    out = tmp_path / "seg"
+    proc = run_cli("demo", "train.max_steps=2", "--task", "segmentation", "--out", out, cwd=tmp_path)
+    for split in ("train", "validation"):
+        assert len(list((out / "data" / split / "images").glob("*.jpg"))) == SHAPES_PER_SPLIT
+        assert len(list((out / "data" / split / "masks").glob("*.png"))) == SHAPES_PER_SPLIT
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["steps"] == 2 and 0.0 <= summary["val"]["mean_iou"] <= 1.0
+    table = (out / "results.md").read_text()
+    assert "| lraspp_mobilenet_v3_large |" in table and "mean_iou" in table and table in proc.stdout
+    assert (out / "lraspp" / "final" / "model.safetensors").is_file()
+
+
+needs_sklearn = pytest.mark.skipif(
+    importlib.util.find_spec("sklearn") is None,
+    reason="the demo's digits come from scikit-learn: pip install 'ddp-finetune[demo]'",
+)
+
+
+@needs_sklearn
 def test_digits_folders_split_source_and_target(tmp_path):
     counts = make_digits_folders(tmp_path, target_train_per_class=3, target_val_per_class=4)
     assert counts == {"source": 901, "target_train": 15, "target_validation": 20}
@@ -17,6 +38,7 @@ def test_digits_folders_split_source_and_target(tmp_path):
     assert sorted(p.name for p in (tmp_path / "digits_target" / "train").iterdir()) == ["5", "6", "7", "8", "9"]
 
 
+@needs_sklearn
 def test_demo_runs_source_then_both_target_runs(tmp_path, capsys):
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
