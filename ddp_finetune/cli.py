@@ -1,78 +1,242 @@
-"""The `ddp-finetune` command: `train`, `demo`, `lr-plot`.
+"""The `ddp-finetune` command: one entry per subcommand in `COMMANDS`.
 
-    ddp-finetune train configs/digits_source.yaml train.epochs=3
+    ddp-finetune init --task classification --out my_run.yaml
+    ddp-finetune config my_run.yaml train.epochs=3       # the resolved config, validated
+    ddp-finetune train my_run.yaml train.epochs=3
+    ddp-finetune train @digits_source                     # a config shipped inside the package
     accelerate launch --config_file launch/cpu_2proc.yaml -m ddp_finetune train CONFIG [key=value ...]
 
-Bad input prints one line and exits 2 (no traceback); a run stopped by a signal exits with
-`preemption.EXIT_PREEMPTED` after writing its checkpoint.
+Every subcommand takes `key=value` config overrides, mixed with its options in any order, after
+its CONFIG when it has one. Adding a subcommand is one `Command` in `COMMANDS`: a function that
+adds its options and a function that runs it.
+
+Bad input prints one line and exits 2 (no traceback): usage errors as well as `UserError`s. A
+run stopped by a signal exits with `preemption.EXIT_PREEMPTED` after writing its checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import difflib
+import re
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
+from . import __version__
+from .config import SHIPPED_PREFIX, shipped_configs
 from .errors import EXIT_USER_ERROR, UserError
 
+PROG = "ddp-finetune"
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="ddp-finetune", description="Fine-tune torchvision models on 1 CPU, N GPUs or SLURM."
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    run: Callable[[argparse.Namespace], int]
+    """Runs the command from the parsed arguments (`args.config`, `args.overrides`, its options); returns the exit code."""
+    add_options: Callable[[argparse.ArgumentParser], None] = lambda parser: None
+    """Adds the command's own options (never positionals: those are CONFIG and the overrides)."""
+    takes_config: bool = True
+    """The command's first positional is a CONFIG (a YAML path or @NAME)."""
+
+
+# --------------------------------------------------------------------------- the commands
+# Imports stay inside the functions: `ddp-finetune -h` and usage errors must not wait for torch.
+
+
+def _train(args) -> int:
+    from .config import load_config
+    from .preemption import EXIT_PREEMPTED
+    from .train import Preempted, fit
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        fit(cfg)
+    except Preempted:
+        return EXIT_PREEMPTED
+    return 0
+
+
+def _config(args) -> int:
+    from .config import dump_config, load_config
+    from .preflight import check_inputs
+
+    cfg = load_config(args.config, args.overrides)
+    checked = check_inputs(cfg)
+    # stdout: exactly the config.yaml a run writes (redirect it to keep it); stderr: what was checked
+    print(dump_config(cfg), end="", flush=True)
+    print(f"{PROG}: config is valid: " + "; ".join(checked), file=sys.stderr, flush=True)
+    return 0
+
+
+def _init_options(parser) -> None:
+    from .starter import TASKS
+
+    parser.add_argument("--task", default="classification", choices=TASKS, help="the task (default: %(default)s)")
+    parser.add_argument("--out", default="my_run.yaml", help="file to write; never overwritten (default: %(default)s)")
+
+
+def _init(args) -> int:
+    from .starter import write_starter
+
+    out = write_starter(args.out, args.task, args.overrides)
+    print(
+        f"wrote {out} (task {args.task}); edit it (data.path first), check it with `{PROG} config {out}`, "
+        f"then train with `{PROG} train {out}`",
+        flush=True,
     )
-    sub = p.add_subparsers(dest="command", required=True)
+    return 0
 
-    t = sub.add_parser("train", help="train (or resume) from a YAML config")
-    t.add_argument("config", help="YAML config file")
-    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=3 optim.lr=0.01")
 
-    d = sub.add_parser("demo", help="offline transfer learning on scikit-learn's handwritten digits")
-    d.add_argument("--out", default="runs/demo", help="output folder (data, runs, results table)")
-    d.add_argument("overrides", nargs="*", help="key=value overrides applied to every run of the demo")
+def _demo_options(parser) -> None:
+    from .demo import DEFAULT_OUT, DEMO_TASKS
 
-    lp = sub.add_parser("lr-plot", help="draw the learning rate of every parameter group, without training")
-    lp.add_argument("config")
-    lp.add_argument("overrides", nargs="*")
-    lp.add_argument("--out", default="lr.png", help="PNG file to write")
-    lp.add_argument(
+    parser.add_argument(
+        "--task",
+        default="classification",
+        choices=DEMO_TASKS,
+        help="classification: transfer learning on scikit-learn's digits; segmentation: LR-ASPP on generated shapes",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output folder: data, runs, results table (default: "
+        + ", ".join(f"{path} for {task}" for task, path in DEFAULT_OUT.items())
+        + ")",
+    )
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, args.overrides, task=args.task)
+    return 0
+
+
+def _lr_plot_options(parser) -> None:
+    parser.add_argument("--out", default="lr.png", help="PNG file to write (default: %(default)s)")
+    parser.add_argument(
         "--steps-per-epoch", type=int, default=None, help="optimizer steps per epoch (default: from the dataset)"
     )
-    return p
+
+
+def _lr_plot(args) -> int:
+    from .lr_plot import lr_plot_command
+
+    lr_plot_command(args.config, args.overrides, args.out, args.steps_per_epoch)
+    return 0
+
+
+COMMANDS: dict[str, Command] = {
+    "init": Command("write a commented starter config for a task", _init, _init_options, takes_config=False),
+    "config": Command("print the resolved config a run would write, and validate it, without training", _config),
+    "train": Command("train (or resume) from a config", _train),
+    "demo": Command(
+        "offline demo: transfer learning on handwritten digits, or --task segmentation",
+        _demo,
+        _demo_options,
+        takes_config=False,
+    ),
+    "lr-plot": Command("draw the learning rate of every parameter group, without training", _lr_plot, _lr_plot_options),
+}
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # one line, like a UserError, with where to find the usage
+        self.exit(EXIT_USER_ERROR, f"{PROG}: error: {message}; see `{self.prog} -h`\n")
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """(the top-level parser, one parser per command in `COMMANDS`)."""
+    top = _Parser(
+        prog=PROG,
+        description="Fine-tune torchvision models on 1 CPU, N GPUs or SLURM: the same config gives the same training.",
+        epilog=f"""A first run on your images:
+  {PROG} init --out my_run.yaml        # then edit it: data.path first
+  {PROG} config my_run.yaml            # the resolved config, validated, no training
+  {PROG} train my_run.yaml
+Configs shipped inside the package are @NAME, e.g. `{PROG} train @digits_source`.
+Help on a command: {PROG} COMMAND -h""",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    top.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = top.add_subparsers(title="commands", metavar="COMMAND", dest="command")
+    shipped = ", ".join(SHIPPED_PREFIX + name for name in shipped_configs())
+    parsers = {}
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help, description=command.help)
+        if command.takes_config:
+            p.add_argument(
+                "config", metavar="CONFIG", help=f"YAML config file, or a config shipped inside the package: {shipped}"
+            )
+        command.add_options(p)
+        p.add_argument(
+            "overrides",
+            nargs="*",
+            default=[],  # without a default argparse requires a '*' positional
+            metavar="key=value",
+            help="config overrides, anywhere among the options, e.g. train.epochs=3 optim.lr=0.01",
+        )
+        parsers[name] = p
+    return top, parsers
+
+
+def parse(argv: list[str]) -> argparse.Namespace | None:
+    """The parsed arguments of a command line; None when no command was given.
+
+    Usage errors exit 2 with one line. A command's options and overrides are parsed with
+    `parse_intermixed_args`, so `key=value` may come before, between or after the options.
+    """
+    top, parsers = build_parser()
+    first = next((i for i, token in enumerate(argv) if not token.startswith("-")), len(argv))
+    top.parse_args(argv[:first])  # -h and --version exit here; an unknown option is a usage error
+    if first == len(argv):
+        return None
+    name = argv[first]
+    if name not in COMMANDS:
+        close = difflib.get_close_matches(name, list(COMMANDS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        top.error(f"unknown command {name!r}{hint}; the commands are {', '.join(COMMANDS)}")
+    args = parsers[name].parse_intermixed_args(argv[first + 1 :])
+    args.command = name
+    if COMMANDS[name].takes_config and _OVERRIDE.match(args.config) and not Path(args.config).exists():
+        # `train a.b=1 my.yaml`: argparse took the override for the config
+        parsers[name].error(f"the CONFIG comes first, before the key=value overrides (got {args.config!r} there)")
+    return args
+
+
+def _error_prefix() -> str:
+    from .distributed import launched_rank
+
+    rank = launched_rank()
+    return f"[rank {rank}] " if rank else ""
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     try:
-        if args.command == "train":
-            from .config import load_config
-            from .preemption import EXIT_PREEMPTED
-            from .train import Preempted, fit
-
-            cfg = load_config(args.config, args.overrides)
-            try:
-                fit(cfg)
-            except Preempted:
-                return EXIT_PREEMPTED
-            return 0
-        if args.command == "demo":
-            from .demo import run_demo
-
-            run_demo(args.out, args.overrides)
-            return 0
-        if args.command == "lr-plot":
-            from .lr_plot import lr_plot_command
-
-            lr_plot_command(args.config, args.overrides, args.out, args.steps_per_epoch)
-            return 0
+        args = parse(argv)
+    except SystemExit as exc:  # -h, --version (0) and usage errors (2), already printed
+        return exc.code if isinstance(exc.code, int) else EXIT_USER_ERROR
+    if args is None:
+        # `ddp-finetune` alone: a usage error that shows what there is to do
+        build_parser()[0].print_help(sys.stderr)
+        return EXIT_USER_ERROR
+    try:
+        return COMMANDS[args.command].run(args)
     except UserError as exc:
-        rank = os.environ.get("RANK")
-        prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
-        print(f"ddp-finetune: error: {prefix}{exc}", file=sys.stderr, flush=True)
+        print(f"{PROG}: error: {_error_prefix()}{exc}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("ddp-finetune: aborted", file=sys.stderr, flush=True)
+        print(f"{PROG}: aborted", file=sys.stderr, flush=True)
         return 130
-    return 1
 
 
 if __name__ == "__main__":

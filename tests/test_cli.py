@@ -1,11 +1,15 @@
-"""Bad input: exit code 2, one line naming the problem and the fix, no traceback."""
+"""The command line: bad input (exit 2, one line naming the problem and the fix, no traceback),
+help and version, options mixed with overrides, `ddp-finetune config`."""
+
+import importlib.metadata
 
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 from helpers import run_cli, tiny_config
 
-from ddp_finetune.cli import main
+from ddp_finetune.cli import COMMANDS, build_parser, main, parse
+from ddp_finetune.config import dump_config, load_config
 
 
 @pytest.fixture(autouse=True)
@@ -84,3 +88,106 @@ def test_real_process_exit_code_and_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
     assert "nope.yaml" in proc.stderr
+
+
+# --------------------------------------------------------------------------- the command line itself
+
+
+def _one_error_line(proc) -> str:
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ddp-finetune: error: "), proc.stderr
+    return lines[0]
+
+
+def test_no_command_prints_the_help_as_a_usage_error():
+    proc = run_cli(check=False)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("usage: ddp-finetune") and all(name in proc.stderr for name in COMMANDS)
+
+
+def test_help_and_version_exit_0():
+    proc = run_cli("-h")
+    assert proc.stdout.startswith("usage: ddp-finetune") and all(name in proc.stdout for name in COMMANDS)
+    for name in COMMANDS:
+        assert run_cli(name, "-h").stdout.startswith(f"usage: ddp-finetune {name}")
+    assert run_cli("--version").stdout == f"ddp-finetune {importlib.metadata.version('ddp-finetune')}\n"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train"], "the following arguments are required: CONFIG; see `ddp-finetune train -h`"),
+        (["trian", "x.yaml"], "unknown command 'trian' (did you mean 'train'?)"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        (["lr-plot", "x.yaml", "--outt", "lr.png"], "unrecognized arguments: --outt"),
+        (["train", "train.epochs=3", "x.yaml"], "the CONFIG comes first"),
+        (["init", "--task", "regression"], "argument --task: invalid choice: 'regression'"),
+    ],
+)
+def test_usage_errors_are_one_line_exit_2(argv, message):
+    assert message in _one_error_line(run_cli(*argv, check=False))
+
+
+def _option_example(action) -> tuple[list[str], object]:
+    """(tokens that set the option to a value other than its default, the parsed value)."""
+    if action.nargs == 0:
+        return [action.option_strings[0]], action.const
+    value = list(action.choices)[-1] if action.choices else (5 if action.type is int else "somewhere")
+    return [action.option_strings[0], str(value)], value
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_every_command_takes_overrides_before_between_and_after_its_options(name):
+    _, parsers = build_parser()
+    options = [a for a in parsers[name]._actions if a.option_strings and a.dest != "help"]
+    config = ["my.yaml"] if COMMANDS[name].takes_config else []
+    mixed, expected = ["a.b=1"], {}
+    for action in options:
+        tokens, expected[action.dest] = _option_example(action)
+        assert expected[action.dest] != action.default
+        mixed += [*tokens, f"{action.dest}.x=2"]
+    args = parse([name, *config, *mixed, "c=3"])
+    assert args.command == name and args.overrides == [t for t in mixed if "=" in t] + ["c=3"]
+    assert {dest: getattr(args, dest) for dest in expected} == expected
+    if config:
+        assert args.config == "my.yaml"
+
+
+def test_lr_plot_with_overrides_after_its_options(tmp_path, image_folder):
+    # the command line of the bug report: an override after --out used to be "unrecognized"
+    config = tiny_config(tmp_path, image_folder)
+    out = tmp_path / "lr.png"
+    proc = run_cli("lr-plot", config, "--out", out, "train.epochs=3", "--steps-per-epoch", "5", "optim.lr=0.1")
+    assert "5 optimizer steps/epoch x 3 epochs" in proc.stdout and out.stat().st_size > 0
+
+
+def test_a_user_error_on_a_launched_rank_names_the_rank(tmp_path):
+    proc = run_cli("train", tmp_path / "nope.yaml", check=False, env={"RANK": "1"})
+    assert _one_error_line(proc).startswith("ddp-finetune: error: [rank 1] config file")
+
+
+# --------------------------------------------------------------------------- ddp-finetune config
+
+
+def test_config_prints_the_yaml_a_run_writes_and_validates_it(tmp_path, image_folder):
+    config = tiny_config(tmp_path, image_folder)
+    proc = run_cli("config", config, "train.epochs=1", "optim.lr=0.05")
+    cfg = load_config(config, ["train.epochs=1", "optim.lr=0.05"])
+    assert proc.stdout == dump_config(cfg)
+    assert proc.stderr.startswith("ddp-finetune: config is valid") and str(image_folder) in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.name=resnet181", "model.name='resnet181' is not a torchvision classifier (did you mean"),
+        ("model.name=fcn_resnet50", "is a segmentation model but task=classification"),
+        ("model.weights=IMAGENET1K_V9", "model.weights='IMAGENET1K_V9' is not a weights name of resnet18"),
+        ("data.path=/nowhere/at/all", "data.path='/nowhere/at/all' does not exist"),
+        ("train.epochs=0", "train.epochs=0 must be a positive number"),
+    ],
+)
+def test_config_refuses_what_a_run_would_refuse(tmp_path, image_folder, override, message):
+    proc = run_cli("config", tiny_config(tmp_path, image_folder), override, check=False)
+    assert message in _one_error_line(proc) and proc.stdout == ""
