@@ -97,9 +97,12 @@ def starter_config(task: str, overrides: list[str] | tuple = ()) -> tuple[Config
             node = node.setdefault(section, {})
         node[name] = value
     cfg = config_from_dict(tree, overrides)
-    overridden = [text.split("=", 1)[0].strip() for text in overrides]
+    starter = config_from_dict(tree)
+    keys = [key for key, _, _ in reference_rows()]
+    # an override shows whatever form it took (a.b=1, a.b.c=1 inside a dict, a={b: 1})
+    overridden = {key for key in keys if _value(cfg, key) != _value(starter, key)}
     shown = {*COMMON_KEYS, *TASK_KEYS.get(task, ()), *overridden}
-    return cfg, [key for key, _, _ in reference_rows() if key in shown]
+    return cfg, [key for key in keys if key in shown]
 
 
 def _value(cfg: Config, dotted: str):
