@@ -2,7 +2,7 @@
 
     series = simulate_lrs(cfg, steps_per_epoch)     # {"lr/head": [...], "lr/backbone": [...]}
     plot_schedule(cfg, steps_per_epoch, "lr.png")   # the same, drawn, unfreeze point marked
-    ddp-finetune lr-plot configs/x.yaml --out lr.png  # lr_plot_command
+    ddp-finetune lr-plot my_run.yaml --out lr.png     # lr_plot_command
 
 The simulation uses the real parameter groups (names, base lrs, layer decay) of the configured
 model, built by `models.build_model(..., meta=True)`: the architecture and `Parts` training
