@@ -1,7 +1,8 @@
 """Check a config against this machine without training: what `ddp-finetune config` runs.
 
-`Config.validate` checks values on their own; this checks what they point at: the model name
-is a torchvision model of the task, the weights name or file exists, the data folder exists.
+`Config.validate` checks values on their own; this checks what they point at: the model builds
+for the task with that weights name (on the meta device), a weights file exists, the data
+folder exists.
 Each failure is the `UserError` a training run would stop with, so a config that passes here
 fails later only on what needs the data read (columns, classes, masks) or the launcher
 (a batch that does not divide by the number of processes).
@@ -17,19 +18,23 @@ from .errors import UserError
 
 def check_inputs(cfg: Config) -> list[str]:
     """Raise `UserError` at the first problem; return one line per check that passed."""
-    from .models import check_model_name, resolve_enum, segmenter_names
+    from .models import build_model
+    from .models.weights import is_local
 
-    check_model_name(cfg.model.name, cfg.task)
-    kind = "segmenter" if cfg.model.name in segmenter_names() else "classifier"
-    done = [f"model.name={cfg.model.name!r} is a torchvision {kind}"]
+    # the architecture on the meta device: model name, task and weights name checked by the code
+    # that builds the run, in milliseconds, with no weights read or downloaded
+    build_model(cfg.model, cfg.model.num_classes or 2, cfg.task, image_size=cfg.data.image_size, meta=True)
+    done = [f"model.name={cfg.model.name!r} builds for task={cfg.task}"]
 
     weights = cfg.model.weights
-    if weights is not None:
-        if Path(weights).is_file():
-            done.append(f"model.weights={weights!r} is a file")
-        else:
-            resolve_enum(cfg.model.name, weights)  # raises naming the valid names (and local files)
-            done.append(f"model.weights={weights!r} is a weights name of {cfg.model.name}")
+    if weights is not None and is_local(weights):
+        if not Path(weights).is_file():
+            raise UserError(
+                f"model.weights={weights!r}: file not found; give an existing .pth/.safetensors file or a weights name"
+            )
+        done.append(f"model.weights={weights!r} is a file")
+    elif weights is not None:
+        done.append(f"model.weights={weights!r} is a weights name of the model (fetched at the start of training)")
 
     source, path = cfg.data.source, cfg.data.path
     if source == "hub":
