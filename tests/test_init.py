@@ -1,11 +1,21 @@
 """`ddp-finetune init`: a commented starter config per task, and the README's first run on one's
 own images: init -> edit -> config -> train."""
 
+import re
+
 import pytest
-from helpers import read_summary, run_cli
+from helpers import ROOT, read_summary, run_cli
 
 from ddp_finetune.config import load_config, reference_rows
-from ddp_finetune.starter import COMMON_KEYS, LAYOUTS, STARTER_VALUES, TASK_KEYS, TASKS, starter_config
+from ddp_finetune.starter import (
+    COMMON_KEYS,
+    LAYOUTS,
+    STARTER_VALUES,
+    TASK_KEYS,
+    TASKS,
+    render_starter,
+    starter_config,
+)
 
 REFERENCE = {key: (default, doc) for key, default, doc in reference_rows()}
 
@@ -55,9 +65,13 @@ def test_init_refuses_to_overwrite(tmp_path):
 
 def test_init_takes_overrides_among_its_options(tmp_path):
     out = tmp_path / "seg.yaml"
-    run_cli("init", "data.path=my_masks", "--task", "segmentation", "model.name=fcn_resnet50", "--out", out, "seed=7")
+    run_cli(
+        "init", "data.path=my_masks", "--task", "segmentation", "model.name=fcn_resnet50", "--out", out,
+        "schedule.args.T_max=7", "loss={name: focal, gamma: 1.5}",
+    )  # fmt: skip
     cfg = load_config(out)
-    assert (cfg.task, cfg.data.path, cfg.model.name, cfg.seed) == ("segmentation", "my_masks", "fcn_resnet50", 7)
+    assert (cfg.task, cfg.data.path, cfg.model.name) == ("segmentation", "my_masks", "fcn_resnet50")
+    assert (cfg.schedule.args, cfg.loss.name, cfg.loss.gamma) == ({"T_max": 7}, "focal", 1.5)
     bad = run_cli("init", "--out", tmp_path / "bad.yaml", "train.epoch=3", check=False)
     assert bad.returncode == 2 and "did you mean 'epochs'" in bad.stderr
     assert not (tmp_path / "bad.yaml").exists()
@@ -95,3 +109,14 @@ def test_first_run_on_ones_own_images_init_edit_config_train(tmp_path, image_fol
     run_cli("train", config, *small)
     assert (tmp_path / "run" / "config.yaml").read_text() == resolved.stdout
     assert read_summary(tmp_path / "run")["epochs"] == 1
+
+
+def test_the_readme_shows_what_init_writes():
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"```yaml\n(# ddp-finetune train my_run.yaml\n.*?)```", readme, re.S).group(1)
+    shown = [line for line in block.splitlines() if line.strip() != "..."]
+    written = render_starter("classification", "my_run.yaml").splitlines()
+    at = 0
+    for line in shown:  # the README's excerpt: lines of the real file, in order, with "..." for the rest
+        assert line in written[at:], line
+        at = written.index(line, at) + 1
