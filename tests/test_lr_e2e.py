@@ -107,9 +107,9 @@ def one_proc(unfreeze_config):
 def two_proc(unfreeze_config):
     """The same on 2 gloo ranks (3 images per rank per step; with grad_accum=3, 1 per micro-batch)."""
     base = unfreeze_config.parent
-    proc = launch_2proc("train", unfreeze_config, f"output_dir={base / 'p2'}", port=29641)
+    proc = launch_2proc("train", unfreeze_config, f"output_dir={base / 'p2'}")
     assert "world size 2" in proc.stdout
-    launch_2proc("train", unfreeze_config, f"output_dir={base / 'p2_accum'}", "train.grad_accum=3", port=29642)
+    launch_2proc("train", unfreeze_config, f"output_dir={base / 'p2_accum'}", "train.grad_accum=3")
     return {"plain": base / "p2", "accum": base / "p2_accum"}
 
 
