@@ -61,3 +61,35 @@ class GatedCrossEntropy(nn.Module):
             if time.monotonic() > deadline:  # the test died: fail instead of hanging its run
                 raise RuntimeError(f"{self.gate_dir / 'go'} did not appear within {self.timeout} s")
             time.sleep(0.01)
+
+
+class GradientBlowUp(nn.Module):
+    """Cross-entropy whose gradient is multiplied by `factor` at the chosen training calls
+    (1-based; with grad_accum 1 and no aux heads, call i is optimizer step i), its value unchanged.
+
+    With fp16 loss scaling (x 2**16) a factor of 1e38 overflows float32: GradScaler finds inf and
+    the optimizer step is skipped. Without it the gradient is huge but finite. When `record` is a
+    path, every training call appends its number and whether it was scaled (`3` or `2 x`), so
+    a test can check that the calls it chose are the steps it means.
+    """
+
+    def __init__(self, calls=(), factor=1e38, record=None):
+        super().__init__()
+        self.scaled_calls = set(calls)
+        self.factor = factor
+        self.record = Path(record) if record else None
+        self.calls = 0
+
+    def forward(self, logits, targets):
+        loss = F.cross_entropy(logits, targets)
+        if not logits.requires_grad:  # evaluation
+            return loss
+        self.calls += 1
+        scaled = self.calls in self.scaled_calls
+        if scaled:
+            huge = loss * self.factor
+            loss = loss + (huge - huge.detach())  # same value, gradient x (1 + factor)
+        if self.record is not None:
+            with open(self.record, "a") as f:
+                f.write(f"{self.calls}{' x' if scaled else ''}\n")
+        return loss
