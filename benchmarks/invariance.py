@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,15 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> None:
     from datagen import make_image_folder
-    from helpers import child_env, load_weights, max_abs_diff, read_metrics
+    from helpers import accelerate_launch_cmd, child_env, load_weights, max_abs_diff, read_metrics
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=60)
@@ -58,26 +51,7 @@ def main() -> None:
         config.write_text(yaml.safe_dump(values))
         cmd = [sys.executable, "-m", "ddp_finetune", "train", str(config)]
         if n == 2:
-            cmd = [
-                sys.executable,
-                "-m",
-                "accelerate.commands.launch",
-                "--multi_gpu",
-                "--num_processes",
-                "2",
-                "--num_machines",
-                "1",
-                "--mixed_precision",
-                "no",
-                "--dynamo_backend",
-                "no",
-                "--main_process_port",
-                str(_port()),
-                "-m",
-                "ddp_finetune",
-                "train",
-                str(config),
-            ]
+            cmd = [*accelerate_launch_cmd(2), "-m", "ddp_finetune", "train", str(config)]
         env = child_env()
         env["CUDA_VISIBLE_DEVICES"] = ""
         subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)

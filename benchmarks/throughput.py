@@ -24,34 +24,14 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from datagen import make_image_folder  # noqa: E402
+from helpers import accelerate_launch_cmd  # noqa: E402
 
 
-def run(procs: int, config: Path, out: Path, port: int, threads: int) -> dict:
+def run(procs: int, config: Path, out: Path, threads: int) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), WANDB_MODE="offline")
-    if procs == 1:
-        cmd = [sys.executable, "-m", "ddp_finetune", "train", str(config), f"output_dir={out}"]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            str(procs),
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            str(port),
-            "-m",
-            "ddp_finetune",
-            "train",
-            str(config),
-            f"output_dir={out}",
-        ]
+    train = ["-m", "ddp_finetune", "train", str(config), f"output_dir={out}"]
+    # N > 1: on a free port, so that a benchmark never collides with a test run or another job
+    cmd = [sys.executable, *train] if procs == 1 else [*accelerate_launch_cmd(procs), *train]
     subprocess.run(cmd, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
     return json.loads((out / "summary.json").read_text())
 
@@ -85,9 +65,9 @@ def main() -> None:
         config = tmp / "bench.yaml"
         config.write_text(yaml.safe_dump(cfg))
         rows = []
-        for i, n in enumerate(args.procs):
+        for n in args.procs:
             threads = max(1, cores // n)
-            s = run(n, config, tmp / f"run{n}", 29700 + i, threads)
+            s = run(n, config, tmp / f"run{n}", threads)
             rows.append((n, threads, s["images_per_second"], s["wall_time_s"]))
     print(
         f"model {args.model}, {args.size}px, global batch {args.batch}, {args.steps} steps, precision {args.precision}; "

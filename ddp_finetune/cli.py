@@ -237,6 +237,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: aborted", file=sys.stderr, flush=True)
         return 130
+    finally:
+        _teardown()
+
+
+def _teardown() -> None:
+    """Done, preempted, bad input or a crash: no process group is left to interpreter shutdown."""
+    if "torch.distributed" in sys.modules:  # nothing to tear down before torch is loaded
+        from .distributed import destroy_process_group
+
+        destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -92,6 +92,21 @@ def check_world_size(num_processes: int) -> None:
         )
 
 
+def destroy_process_group() -> None:
+    """Destroy this process's process group, if it has one; call it on every way out of a run.
+
+    Accelerate's `end_training()` does this only at the end of a successful run; an error, a stop
+    request or a crash left the group to interpreter shutdown. There a gloo worker thread that
+    releases a finished collective's tensors needs the GIL, which a finalizing interpreter refuses
+    by ending the thread: the rank aborts with "terminate called without an active exception"
+    (tests/scripts/losses_2proc.py explains the measurements). Destroying the group first lets
+    it drain and join those threads while Python is alive, when nothing else (such as a DDP
+    model, in torch 2.14) still holds it. Idempotent.
+    """
+    if is_distributed():
+        dist.destroy_process_group()
+
+
 def is_main_process() -> bool:
     return rank() == 0
 

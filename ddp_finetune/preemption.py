@@ -1,7 +1,7 @@
 """Stop requests: signals that only set a flag, and a stop file every rank polls.
 
     watcher = StopWatcher(cfg.output_dir).install()
-    ...  # at every optimizer-step boundary:
+    ...  # at the step boundaries where the ranks agree (the loop picks them):
     if any_rank(watcher.requested()):
         save a checkpoint; write preempted.json; watcher.clear(); sys.exit(EXIT_PREEMPTED)
     ...
@@ -17,8 +17,9 @@ Two ways to ask a run to stop, because a signal rarely reaches every rank by its
   them after 30 s, and SIGUSR1/USR2 kill torchrun itself and orphan the workers; the
   single-process `accelerate launch` dies on all four and orphans its one worker. Under SLURM the
   warning signal goes to the batch shell, not to the ranks. So the SLURM templates trap the
-  signal in the shell and touch this file on the shared filesystem; every rank polls it, and
-  `any_rank` makes them agree. `touch <output_dir>/.stop` also stops a run by hand.
+  signal in the shell and touch this file on the shared filesystem; every rank looks for it at
+  each step boundary where the ranks agree, and `any_rank` makes them agree.
+  `touch <output_dir>/.stop` also stops a run by hand.
 
 Nothing here knows about ranks: each process watches for itself.
 """
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import signal
 import threading
-import time
 from pathlib import Path
 
 EXIT_PREEMPTED = 75
@@ -45,15 +45,12 @@ SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 
 
 class StopWatcher:
-    """Notices stop requests for one run; `requested()` is cheap enough for every step."""
+    """Notices stop requests for one run; `requested()` costs one `stat` of the stop file."""
 
-    def __init__(self, output_dir, poll_interval: float = 1.0):
+    def __init__(self, output_dir):
         self.stop_file = Path(output_dir) / STOP_FILE
-        # At most one stat of the (possibly network) filesystem per interval and process.
-        self.poll_interval = poll_interval
         self.signal: signal.Signals | None = None
         self._file_seen = False
-        self._last_poll = float("-inf")
         self._sigints = 0
         self._previous: dict = {}
 
@@ -90,14 +87,16 @@ class StopWatcher:
 
     # ---------------------------------------------------------------- queries
     def requested(self) -> bool:
-        """True once a signal arrived in this process or the stop file was seen."""
-        if self.signal is not None or self._file_seen:
-            return True
-        now = time.monotonic()
-        if now - self._last_poll >= self.poll_interval:
-            self._last_poll = now
+        """True once a signal arrived in this process or the stop file was seen.
+
+        Every call looks at the stop file (one `stat`), so a file that exists before a call is
+        always seen by that call: no clock decides whether a request is noticed at a given step.
+        The loop decides how often to ask, at the step boundaries where the ranks agree, and so
+        how often a (possibly network) filesystem is touched.
+        """
+        if self.signal is None and not self._file_seen:
             self._file_seen = self.stop_file.exists()
-        return self._file_seen
+        return self.signal is not None or self._file_seen
 
     @property
     def reason(self) -> str | None:

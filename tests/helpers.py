@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -62,19 +61,25 @@ def run_cli(*args, timeout=600, check=True, env=None, cwd=ROOT) -> subprocess.Co
     return proc
 
 
-def accelerate_cmd() -> list[str]:
-    exe = shutil.which("accelerate")
-    return [exe] if exe else [sys.executable, "-m", "accelerate.commands.launch"]
+def free_port() -> int:
+    """A TCP port no one listens on now, picked by the OS (bind to port 0). Every multi-process
+    launch of the tests gets its own: a fixed port fails when another run (a parallel test
+    session, a benchmark, another user) holds it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
-def launch_2proc(*args, port=29517, timeout=600, check=True) -> subprocess.CompletedProcess:
-    """`accelerate launch --multi_gpu --num_processes 2 -m ddp_finetune ...` (2 gloo ranks on CPU)."""
-    cmd = [
-        *accelerate_cmd(),
-        *(["launch"] if accelerate_cmd()[0].endswith("accelerate") else []),
+def accelerate_launch_cmd(num_processes: int = 2) -> list[str]:
+    """`accelerate launch --multi_gpu --num_processes N` of this interpreter's accelerate, on a free
+    port; N gloo ranks on CPU (PITFALLS 2). Append `-m ddp_finetune ...` or a script."""
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
         "--multi_gpu",
         "--num_processes",
-        "2",
+        str(num_processes),
         "--num_machines",
         "1",
         "--mixed_precision",
@@ -82,11 +87,13 @@ def launch_2proc(*args, port=29517, timeout=600, check=True) -> subprocess.Compl
         "--dynamo_backend",
         "no",
         "--main_process_port",
-        str(port),
-        "-m",
-        "ddp_finetune",
-        *map(str, args),
+        str(free_port()),
     ]
+
+
+def launch_2proc(*args, timeout=600, check=True) -> subprocess.CompletedProcess:
+    """`accelerate launch --multi_gpu --num_processes 2 -m ddp_finetune ...` (2 gloo ranks on CPU)."""
+    cmd = [*accelerate_launch_cmd(2), "-m", "ddp_finetune", *map(str, args)]
     env = child_env()
     env["CUDA_VISIBLE_DEVICES"] = ""  # 2 gloo ranks on the CPU, also on a machine with one GPU
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
@@ -95,19 +102,11 @@ def launch_2proc(*args, port=29517, timeout=600, check=True) -> subprocess.Compl
     return proc
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_script_2proc(script, *args, timeout=300) -> subprocess.CompletedProcess:
     """`accelerate launch --multi_gpu --num_processes 2 SCRIPT ARGS` on a free port: 2 gloo ranks on
     the CPU (CUDA hidden, also on a 1-GPU machine where they would share a device); the script
     can import the package and tests/ helpers. Fails the test with the output's tail unless it exits 0."""
-    cmd = [*accelerate_cmd(), *(["launch"] if accelerate_cmd()[0].endswith("accelerate") else [])]
-    cmd += ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
-    cmd += ["--dynamo_backend", "no", "--main_process_port", str(free_port()), str(script), *map(str, args)]
+    cmd = [*accelerate_launch_cmd(2), str(script), *map(str, args)]
     env = child_env()
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), env["PYTHONPATH"]])
     env["CUDA_VISIBLE_DEVICES"] = ""

@@ -1,9 +1,13 @@
-"""The guards around the Accelerator: the launcher's process count is the one we train with."""
+"""The guards around the Accelerator (the launcher's process count is the one we train with) and
+the process group's teardown on every way out of the CLI."""
 
 import pytest
+import torch.distributed as dist
+from helpers import free_port, fresh_accelerate, tiny_config
 
 from ddp_finetune.distributed import check_world_size
 from ddp_finetune.errors import UserError
+from ddp_finetune.preemption import EXIT_PREEMPTED, STOP_FILE
 
 
 def test_launcher_world_size_must_match_the_accelerator(monkeypatch):
@@ -23,3 +27,37 @@ def test_accelerate_cpu_flag_with_several_processes_is_refused(monkeypatch):
     monkeypatch.setenv("MASTER_PORT", "29500")  # what the launcher adds for --num_processes > 1
     with pytest.raises(UserError, match="starts ONE process.*--multi_gpu"):
         check_world_size(1)
+
+
+@pytest.fixture
+def process_group():
+    """A real 1-rank gloo group in this process, as a launched rank has one."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    yield
+    if dist.is_initialized():  # the test failed: do not leak the group into the next test
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("way_out", ["done", "preempted", "bad_input", "crash"])
+def test_every_way_out_of_the_cli_destroys_the_process_group(
+    process_group, tmp_path, image_folder, way_out, monkeypatch
+):
+    """Left to interpreter shutdown, a live group's gloo threads can abort the rank at exit
+    (tests/scripts/losses_2proc.py); accelerate's end_training() only runs after a whole run."""
+    from ddp_finetune import train
+    from ddp_finetune.cli import main
+
+    config = tiny_config(tmp_path, image_folder, train={"epochs": 1, "max_steps": 1})
+    expected = {"done": 0, "preempted": EXIT_PREEMPTED, "bad_input": 2}
+    if way_out == "preempted":
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / STOP_FILE).touch()  # stops at the first step boundary
+    argv = ["train", str(config if way_out != "bad_input" else tmp_path / "missing.yaml")]
+    with fresh_accelerate():
+        if way_out == "crash":
+            monkeypatch.setattr(train, "fit", lambda cfg: 1 / 0)
+            with pytest.raises(ZeroDivisionError):
+                main(argv)
+        else:
+            assert main(argv) == expected[way_out]
+    assert not dist.is_initialized(), f"{way_out}: the process group outlived the CLI"

@@ -6,22 +6,15 @@ on a CPU); the GPU twin with torch.cuda.set_sync_debug_mode("error") is in bench
 """
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from datagen import make_image_folder
-from helpers import ROOT, child_env, tiny_config
+from helpers import ROOT, accelerate_launch_cmd, child_env, tiny_config
 
 SCRIPT = ROOT / "tests" / "scripts" / "sync_counter.py"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _config(tmp_path, **sections):
@@ -75,25 +68,7 @@ def test_two_processes_with_accumulation_sync_only_on_check_steps(tmp_path):
     Dice loss checks its labels there too; accumulation adds no sync."""
     config = _config(tmp_path, loss={"name": "dice"}, train={"grad_accum": 2})
     out = tmp_path / "syncs.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(_free_port()),
-        str(SCRIPT),
-        str(config),
-        str(out),
-    ]
+    cmd = [*accelerate_launch_cmd(2), str(SCRIPT), str(config), str(out)]
     env = child_env()
     env["CUDA_VISIBLE_DEVICES"] = ""
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

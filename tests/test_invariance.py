@@ -20,7 +20,7 @@ def test_one_and_two_processes_train_the_same_model(tmp_path, image_folder):
     one = tiny_config(tmp_path / "one", image_folder, **sections)
     two = tiny_config(tmp_path / "two", image_folder, **sections)
     fit_in_process(one)
-    proc = launch_2proc("train", two, port=29531)
+    proc = launch_2proc("train", two)
     assert "world size 2" in proc.stdout
 
     s1, s2 = read_summary(tmp_path / "one" / "run"), read_summary(tmp_path / "two" / "run")
@@ -42,6 +42,6 @@ def test_one_and_two_processes_train_the_same_model(tmp_path, image_folder):
 
 def test_two_processes_that_do_not_divide_the_batch_fail_clearly(tmp_path, image_folder):
     config = tiny_config(tmp_path, image_folder, train={"batch_size": 5})
-    proc = launch_2proc("train", config, port=29532, check=False)
+    proc = launch_2proc("train", config, check=False)
     assert proc.returncode != 0
     assert "train.batch_size=5 does not divide by 2 processes" in proc.stderr

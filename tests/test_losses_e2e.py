@@ -127,7 +127,7 @@ def test_multilabel_dice_trains(dice_config, dice_run):
 
 def test_dice_on_two_processes_equals_one(dice_config, dice_run, tmp_path):
     out = tmp_path / "two"
-    proc = launch_2proc("train", dice_config, f"output_dir={out}", port=29651)
+    proc = launch_2proc("train", dice_config, f"output_dir={out}")
     assert "world size 2" in proc.stdout
     assert read_summary(out)["world_size"] == 2
     assert max_abs_diff(load_weights(dice_run), load_weights(out)) <= 1e-5

@@ -28,7 +28,17 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
 
-from preempt_runs import REPO, TOTAL_STEPS, child_env, make_setup, max_weight_diff, reference_run, wait_until_training  # noqa: E402
+from preempt_runs import (  # noqa: E402
+    GATE_STEP,
+    REPO,
+    TOTAL_STEPS,
+    child_env,
+    gate,
+    make_setup,
+    max_weight_diff,
+    reference_run,
+    wait_for_file,
+)
 
 from ddp_finetune.preemption import EXIT_PREEMPTED, PREEMPTED_FILE, STOP_FILE  # noqa: E402
 
@@ -343,7 +353,7 @@ def job_log(job: dict) -> str:
     return job["log"].read_text()[-4000:] if job["log"].exists() else "(no log)"
 
 
-def sbatch(root: Path, name: str, config: Path, nodes: int, procs: int) -> dict:
+def sbatch(root: Path, name: str, config: Path, nodes: int, procs: int, overrides=()) -> dict:
     out, log = root / name, root / f"{name}.log"
     cmd = [
         "sbatch",
@@ -357,6 +367,7 @@ def sbatch(root: Path, name: str, config: Path, nodes: int, procs: int) -> dict:
         str(REPO / "slurm" / "cpu.sbatch"),
         str(config),
         f"output_dir={out}",
+        *overrides,
     ]
     proc = subprocess.run(cmd, env=child_env(PYTHON=sys.executable), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -366,26 +377,32 @@ def sbatch(root: Path, name: str, config: Path, nodes: int, procs: int) -> dict:
 @pytest.fixture(scope="module")
 def slurm_runs(slurm_cluster, tmp_path_factory):
     """Submit the three jobs at once (the preempted one first: it waits ~20 s in the queue when
-    requeued), signal that one as soon as it trains, and compute the 1-process reference."""
+    requeued), signal that one while its loss holds it inside step GATE_STEP, and compute the
+    1-process reference."""
     base = tmp_path_factory.getbasetemp()
     setup_root = base / "preempt_setup"  # shared with tests/test_preemption.py
     config = make_setup(setup_root)
     root = base / "slurm_jobs"
     root.mkdir()
+    gate_dir = root / "gate"
     jobs = {
-        "preempted": sbatch(root, "preempted", config, nodes=2, procs=1),
+        "preempted": sbatch(root, "preempted", config, nodes=2, procs=1, overrides=gate(gate_dir)),
         "two_nodes": sbatch(root, "two_nodes", config, nodes=2, procs=1),
         "one_node": sbatch(root, "one_node", config, nodes=1, procs=2),
     }
     try:
         p = jobs["preempted"]
         try:
-            wait_until_training(p["out"], timeout=240, what=f"job {p['id']}")
+            for rank in (0, 1):
+                wait_for_file(gate_dir / f"reached.{rank}", timeout=240, what=f"job {p['id']}")
+            # --full: the batch shell, srun and every process of the step, torchrun included,
+            # get USR1 at once; none may die of it, and the ranks must stop at a step boundary
+            subprocess.run(["scancel", "--full", "--signal=USR1", p["id"]], check=True)
+            # the batch shell's trap turns the signal into the stop file; only then may the ranks go on
+            wait_for_file(p["out"] / STOP_FILE, timeout=60, what=f"job {p['id']}'s batch shell")
         except AssertionError as exc:
             raise AssertionError(f"{exc}; its log:\n{job_log(p)}") from None
-        # --full: the batch shell, srun and every process of the step, torchrun included,
-        # get USR1 at once; none may die of it, and the ranks must stop at a step boundary
-        subprocess.run(["scancel", "--full", "--signal=USR1", p["id"]], check=True)
+        (gate_dir / "go").touch()
         jobs["reference"] = reference_run(setup_root)
         yield jobs
     finally:
@@ -427,7 +444,7 @@ def test_signalled_job_checkpoints_requeues_and_resumes(slurm_runs):
     m = re.search(r'preempted: \{"step": (\d+)', log)
     assert m, log[-4000:]
     step = int(m.group(1))
-    assert 0 < step < TOTAL_STEPS
+    assert GATE_STEP <= step < TOTAL_STEPS
     assert f"job {job['id']} (restart 1)" in log, "one log file across the requeue (--open-mode=append)"
     assert f"resumed from {job['out'] / 'checkpoints' / f'step_{step}'}" in log
     summary = json.loads((job["out"] / "summary.json").read_text())

@@ -10,7 +10,6 @@ python -m pytest tests/test_timm.py -q
 from __future__ import annotations
 
 import importlib.util
-import socket
 
 import pytest
 import torch
@@ -216,12 +215,6 @@ def test_frozen_then_unfrozen_with_layer_decay_and_the_lr_plot(tmp_path, images)
     assert png.read_bytes().startswith(b"\x89PNG")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_one_and_two_processes_train_the_same_timm_model(tmp_path, images):
     """convnext_atto: LayerNorm and no dropout, so nothing depends on the rank; augmentation on."""
@@ -229,7 +222,7 @@ def test_one_and_two_processes_train_the_same_timm_model(tmp_path, images):
     one = timm_config(tmp_path / "one", images, "convnext_atto", **sections)
     two = timm_config(tmp_path / "two", images, "convnext_atto", **sections)
     fit_in_process(one)
-    proc = launch_2proc("train", two, port=_free_port())
+    proc = launch_2proc("train", two)
     assert "world size 2" in proc.stdout
     s1, s2 = read_summary(tmp_path / "one" / "run"), read_summary(tmp_path / "two" / "run")
     assert (s1["world_size"], s2["world_size"]) == (1, 2) and s1["steps"] == s2["steps"] == 6

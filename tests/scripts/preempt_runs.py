@@ -2,8 +2,13 @@
 command lines that run it, and one uninterrupted reference run per test session.
 
 The setup is 48 images of 16x16 px in 3 classes (43 train after the validation split), resnet18
-with frozen BatchNorm, global batch 8: 5 optimizer steps per epoch, 2 epochs, 10 steps. Small
-enough to be quick, long enough to be stopped in the middle.
+with frozen BatchNorm, global batch 8: 5 optimizer steps per epoch, 2 epochs, 10 steps.
+
+A stop request must reach a run that is still training, however fast or slow the machine: the
+loss is tests/helpers_userloss.py's GatedCrossEntropy, which the stop tests tell (`gate(...)`
+overrides) to hold the run inside optimizer step GATE_STEP until the test has sent its request.
+The run then stops at a step boundary at or after GATE_STEP (the loop decides which), before
+TOTAL_STEPS. Without those overrides it is plain cross-entropy: the reference run uses it too.
 """
 
 from __future__ import annotations
@@ -20,13 +25,15 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 TOTAL_STEPS = 10
+GATE_STEP = 3
+LOSS = "helpers_userloss:GatedCrossEntropy"  # tests/ is on the children's PYTHONPATH
 
 CONFIG = {
     "data": {"source": "imagefolder", "image_size": 16, "augment": False},
     "model": {"name": "resnet18", "freeze_bn": True},
     "train": {"epochs": 2, "batch_size": 8},
     "optim": {"lr": 0.01},
-    # a metrics line per step tells the tests that training has started
+    "loss": {"name": LOSS},
     "log": {"progress_bar": False, "every_n_steps": 1},
 }
 
@@ -35,7 +42,7 @@ def child_env(**extra) -> dict:
     env = dict(os.environ)
     env.update(
         OMP_NUM_THREADS="1",
-        PYTHONPATH=str(REPO),
+        PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]),
         PYTHONUNBUFFERED="1",
         HF_DATASETS_OFFLINE="1",
         HF_HUB_OFFLINE="1",
@@ -63,21 +70,21 @@ def train_cmd(config: Path, output_dir: Path, *overrides: str) -> list[str]:
     return [sys.executable, "-m", "ddp_finetune", "train", str(config), f"output_dir={output_dir}", *overrides]
 
 
-def accelerate_cmd(num_processes: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        str(num_processes),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-    ]
+def gate(gate_dir: Path, step: int = GATE_STEP) -> list[str]:
+    """Overrides that hold the run inside optimizer step `step` until `<gate_dir>/go` exists."""
+    Path(gate_dir).mkdir(parents=True, exist_ok=True)
+    return [f"loss.args.gate_dir={gate_dir}", f"loss.args.gate_call={step}"]
+
+
+def wait_for_file(path: Path, proc: subprocess.Popen | None = None, timeout: float = 240, what: str = "") -> None:
+    """Return once `path` exists; fail when `proc` ends first or after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not Path(path).exists():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{what or 'the run'} ended (exit {proc.returncode}) before {path} appeared")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} did not appear within {timeout} s ({what or 'the run'})")
+        time.sleep(0.05)
 
 
 def reference_run(root: Path) -> Path:
@@ -102,21 +109,6 @@ def max_weight_diff(a: Path, b: Path) -> float:
     for name, t in wa.items():
         assert torch.isfinite(t.float()).all(), f"{a}: {name} is not finite (the run diverged)"
     return max((wa[k].double() - wb[k].double()).abs().max().item() for k in wa)
-
-
-def wait_until_training(
-    output_dir: Path, proc: subprocess.Popen | None = None, timeout: float = 180, what: str = ""
-) -> None:
-    """Return once the run has logged its first optimizer step (metrics.jsonl)."""
-    metrics = Path(output_dir) / "metrics.jsonl"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if metrics.exists() and '"split": "train"' in metrics.read_text():
-            return
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"{what or 'the run'} ended (exit {proc.returncode}) before its first step")
-        time.sleep(0.05)
-    raise AssertionError(f"{what or 'the run'} logged no step within {timeout} s")
 
 
 def stop_process(proc: subprocess.Popen) -> None:
