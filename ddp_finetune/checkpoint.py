@@ -169,8 +169,9 @@ def load_checkpoint(accelerator, path: Path, config_text: str | None = None) -> 
     return json.loads((Path(path) / STATE_FILE).read_text())
 
 
-def save_final_weights(accelerator, model, output_dir) -> Path:
-    """The unwrapped state dict as `<output_dir>/final/model.safetensors`, atomically."""
+def save_final_weights(accelerator, model, output_dir, files: dict[str, str] | None = None) -> Path:
+    """The unwrapped state dict as `<output_dir>/final/model.safetensors`, atomically, with `files`
+    (name -> text: the model card and config of model_folder.py) in the same folder."""
     out = Path(output_dir)
     final, tmp = out / "final", out / ".tmp-final"
     accelerator.wait_for_everyone()
@@ -180,6 +181,8 @@ def save_final_weights(accelerator, model, output_dir) -> Path:
         try:
             # torch.compile's wrapper would prefix every key with `_orig_mod.`: save the model it wraps
             accelerator.save_model(getattr(model, "_orig_mod", model), str(tmp), safe_serialization=True)
+            for name, text in (files or {}).items():
+                (tmp / name).write_text(text)
         except Exception as exc:
             if not is_disk_full(exc, out):
                 raise

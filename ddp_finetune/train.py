@@ -28,6 +28,7 @@ from .errors import UserError
 from .evaluate import evaluate
 from .guards import all_finite
 from .losses import check_targets, needs_statistics_pass
+from .model_folder import model_files
 from .models import split_outputs
 from .output_dir import claim_output_dir
 from .param_groups import lr_log
@@ -361,7 +362,7 @@ def _fit(cfg: Config) -> dict:
             f"the final weights hold NaN or inf (step {progress.step}); final/ was not written: lower optim.lr, "
             "set train.max_grad_norm, or check the data and the loss"
         )
-    weights = ckpt.save_final_weights(a, run.model, cfg.output_dir)
+    weights = ckpt.save_final_weights(a, run.model, cfg.output_dir, model_files(cfg, run.classes, run.parts))
     images = (progress.step - steps_before) * cfg.train.batch_size
     summary = {
         "world_size": a.num_processes,
