@@ -4,11 +4,13 @@
     ddp-finetune config my_run.yaml train.epochs=3       # the resolved config, validated
     ddp-finetune train my_run.yaml train.epochs=3
     ddp-finetune train @digits_source                     # a config shipped inside the package
+    ddp-finetune evaluate runs/x --split test             # after training: evaluate, predict, plot
     accelerate launch --config_file launch/cpu_2proc.yaml -m ddp_finetune train CONFIG [key=value ...]
 
 Every subcommand takes `key=value` config overrides, mixed with its options in any order, after
-its CONFIG when it has one. Adding a subcommand is one `Command` in `COMMANDS`: a function that
-adds its options and a function that runs it.
+its CONFIG when it has one (evaluate and predict: overrides of the saved model's config). Adding a
+subcommand is one `Command` in `COMMANDS`: a function that adds its options and a function that
+runs it, and the paths it takes (`Positional`).
 
 Bad input prints one line and exits 2 (no traceback): usage errors as well as `UserError`s. A
 run stopped by a signal exits with `preemption.EXIT_PREEMPTED` after writing its checkpoint.
@@ -33,14 +35,27 @@ _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
 
 @dataclass(frozen=True)
+class Positional:
+    """A positional argument of a command other than CONFIG and the overrides."""
+
+    dest: str
+    metavar: str
+    help: str
+    many: bool = False
+    """One or more (the last positional only): the key=value tokens among them are the overrides."""
+
+
+@dataclass(frozen=True)
 class Command:
     help: str
     run: Callable[[argparse.Namespace], int]
     """Runs the command from the parsed arguments (`args.config`, `args.overrides`, its options); returns the exit code."""
     add_options: Callable[[argparse.ArgumentParser], None] = lambda parser: None
-    """Adds the command's own options (never positionals: those are CONFIG and the overrides)."""
+    """Adds the command's own options (never positionals: those are CONFIG, `positionals` and the overrides)."""
     takes_config: bool = True
     """The command's first positional is a CONFIG (a YAML path or @NAME)."""
+    positionals: tuple[Positional, ...] = ()
+    """Further positionals (paths), after CONFIG and before the overrides, mixed with them in any order."""
 
 
 # --------------------------------------------------------------------------- the commands
@@ -130,6 +145,62 @@ def _lr_plot(args) -> int:
     return 0
 
 
+_MODEL = Positional("model", "RUN_OR_MODEL", "a run folder (output_dir) or its final/ model folder")
+
+
+def _evaluate_options(parser) -> None:
+    parser.add_argument(
+        "--data", default=None, help="folder of images or dataset saved with save_to_disk (default: the run's data)"
+    )
+    parser.add_argument(
+        "--split",
+        default=None,
+        help="split to score (default: the run's validation split; with --data its only split or `test`)",
+    )
+    parser.add_argument("--out", default=None, help="folder for eval.json and the picture (default: RUN/eval/SPLIT)")
+
+
+def _evaluate(args) -> int:
+    from .eval_report import evaluate_model
+
+    evaluate_model(args.model, data=args.data, split=args.split, out=args.out, overrides=args.overrides)
+    return 0
+
+
+def _predict_options(parser) -> None:
+    parser.add_argument("--out", required=True, help="CSV file (classification tasks) or folder (segmentation masks)")
+    parser.add_argument("--top-k", type=int, default=5, help="classes per image in the CSV (default: %(default)s)")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="binary / multilabel: probability above which a class is predicted (default: the model's, 0.5)",
+    )
+    parser.add_argument("--overlay", action="store_true", help="segmentation: also write the masks over the images")
+    parser.add_argument("--strict", action="store_true", help="stop at an unreadable image instead of skipping it")
+
+
+def _predict(args) -> int:
+    from .predict import Options, predict
+
+    opts = Options(top_k=args.top_k, threshold=args.threshold, overlay=args.overlay, strict=args.strict)
+    predict(args.model, args.inputs, args.out, opts, overrides=args.overrides)
+    return 0
+
+
+def _plot_options(parser) -> None:
+    parser.add_argument("--out", default="curves.png", help="PNG file to write (default: %(default)s)")
+
+
+def _plot(args) -> int:
+    from .plot import plot_command
+
+    if args.overrides:
+        raise UserError(f"plot takes no key=value overrides (got {' '.join(args.overrides)}); give run folders")
+    plot_command(args.runs, args.out)
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "init": Command("write a commented starter config for a task", _init, _init_options, takes_config=False),
     "config": Command("print the resolved config a run would write, and validate it, without training", _config),
@@ -141,6 +212,27 @@ COMMANDS: dict[str, Command] = {
         takes_config=False,
     ),
     "lr-plot": Command("draw the learning rate of every parameter group, without training", _lr_plot, _lr_plot_options),
+    "evaluate": Command(
+        "score a trained model on a split, as training evaluates: eval.json, a confusion matrix, a table",
+        _evaluate,
+        _evaluate_options,
+        takes_config=False,
+        positionals=(_MODEL,),
+    ),
+    "predict": Command(
+        "run a trained model on images, folders or saved datasets: a CSV, or PNG masks for segmentation",
+        _predict,
+        _predict_options,
+        takes_config=False,
+        positionals=(_MODEL, Positional("inputs", "INPUT", "image files, folders of images, saved datasets", True)),
+    ),
+    "plot": Command(
+        "draw the training curves of one or more runs, overlaid: loss, metrics, learning rates, images/s",
+        _plot,
+        _plot_options,
+        takes_config=False,
+        positionals=(Positional("runs", "RUN", "run folders (output_dir), each with its metrics.jsonl", True),),
+    ),
 }
 
 
@@ -162,6 +254,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
   {PROG} init --out my_run.yaml        # then edit it: data.path first
   {PROG} config my_run.yaml            # the resolved config, validated, no training
   {PROG} train my_run.yaml
+After training (RUN is the run's output_dir):
+  {PROG} evaluate RUN [--data held_out/]
+  {PROG} predict RUN photos/ --out predictions.csv
+  {PROG} plot RUN [RUN ...] --out curves.png
 Configs shipped inside the package are @NAME, e.g. `{PROG} train @digits_source`.
 Help on a command: {PROG} COMMAND -h""",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -176,6 +272,8 @@ Help on a command: {PROG} COMMAND -h""",
             p.add_argument(
                 "config", metavar="CONFIG", help=f"YAML config file, or a config shipped inside the package: {shipped}"
             )
+        for pos in command.positionals:
+            p.add_argument(pos.dest, metavar=pos.metavar, nargs="+" if pos.many else None, help=pos.help)
         command.add_options(p)
         p.add_argument(
             "overrides",
@@ -206,10 +304,29 @@ def parse(argv: list[str]) -> argparse.Namespace | None:
         top.error(f"unknown command {name!r}{hint}; the commands are {', '.join(COMMANDS)}")
     args = parsers[name].parse_intermixed_args(argv[first + 1 :])
     args.command = name
-    if COMMANDS[name].takes_config and _OVERRIDE.match(args.config) and not Path(args.config).exists():
+    if COMMANDS[name].takes_config and _is_override(args.config):
         # `train a.b=1 my.yaml`: argparse took the override for the config
         parsers[name].error(f"the CONFIG comes first, before the key=value overrides (got {args.config!r} there)")
+    for pos in COMMANDS[name].positionals:
+        _split_overrides(parsers[name], args, pos)
     return args
+
+
+def _is_override(token: str) -> bool:
+    return bool(_OVERRIDE.match(token)) and not Path(token).exists()
+
+
+def _split_overrides(parser, args, pos: Positional) -> None:
+    """A `many` positional took every token after it: move the key=value ones to the overrides."""
+    value = getattr(args, pos.dest)
+    if not pos.many:
+        if _is_override(value):
+            parser.error(f"the {pos.metavar} comes first, before the key=value overrides (got {value!r} there)")
+        return
+    args.overrides = [t for t in value if _is_override(t)] + args.overrides
+    setattr(args, pos.dest, [t for t in value if not _is_override(t)])
+    if not getattr(args, pos.dest):
+        parser.error(f"the following arguments are required: {pos.metavar}")
 
 
 def _error_prefix() -> str:

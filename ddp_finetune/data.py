@@ -154,17 +154,41 @@ def _load_segmentation_folder(data_cfg):
     return datasets.DatasetDict(out)
 
 
-def load_splits(data_cfg, seed: int, task: str = "classification") -> Splits:
+def load_dataset_dict(data_cfg, task: str = "classification"):
+    """Every split of the data as a `datasets.DatasetDict` (a single split is named `data.train_split`)."""
     import datasets
 
-    segmentation = task == "segmentation"
     raw = (
         _load_segmentation_folder(data_cfg)
-        if segmentation and data_cfg.source == "imagefolder"
+        if task == "segmentation" and data_cfg.source == "imagefolder"
         else _load_raw(data_cfg)
     )
     if isinstance(raw, datasets.Dataset):
         raw = datasets.DatasetDict({data_cfg.train_split: raw})
+    return raw
+
+
+def check_columns(ds, data_cfg, task: str, split_names=()) -> None:
+    """The image column and the label (mask) column are in split `ds`; an image folder without labels says why."""
+    segmentation = task == "segmentation"
+    folder = Path(data_cfg.path) if data_cfg.source == "imagefolder" and not segmentation else None
+    if folder is not None and data_cfg.label_column == "label" and "label" not in ds.column_names:
+        explain_missing_labels(folder, {*split_names, *_VAL_NAMES})
+    target = (
+        ("data.mask_column", data_cfg.mask_column) if segmentation else ("data.label_column", data_cfg.label_column)
+    )
+    for key, column in (("data.image_column", data_cfg.image_column), target):
+        if column not in ds.column_names:
+            raise UserError(
+                f"{key}={column!r} is not a column of the dataset (columns: {', '.join(ds.column_names)}); set {key}"
+            )
+
+
+def load_splits(data_cfg, seed: int, task: str = "classification") -> Splits:
+    import datasets
+
+    segmentation = task == "segmentation"
+    raw = load_dataset_dict(data_cfg, task)
     if data_cfg.train_split not in raw:
         raise UserError(
             f"data.train_split={data_cfg.train_split!r} is not in the dataset (splits: {', '.join(raw)}); set data.train_split"
@@ -172,16 +196,7 @@ def load_splits(data_cfg, seed: int, task: str = "classification") -> Splits:
     train = raw[data_cfg.train_split]
     folder = Path(data_cfg.path) if data_cfg.source == "imagefolder" and not segmentation else None
     split_names = {data_cfg.train_split, *_VAL_NAMES, *raw}
-    if folder is not None and data_cfg.label_column == "label" and "label" not in train.column_names:
-        explain_missing_labels(folder, split_names)
-    target = (
-        ("data.mask_column", data_cfg.mask_column) if segmentation else ("data.label_column", data_cfg.label_column)
-    )
-    for key, column in (("data.image_column", data_cfg.image_column), target):
-        if column not in train.column_names:
-            raise UserError(
-                f"{key}={column!r} is not a column of the dataset (columns: {', '.join(train.column_names)}); set {key}"
-            )
+    check_columns(train, data_cfg, task, split_names)
 
     if data_cfg.val_split is not None:
         if data_cfg.val_split not in raw:

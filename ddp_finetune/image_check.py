@@ -97,6 +97,8 @@ def _columns(cfg, ds) -> list[tuple[str, bool]]:
 
 def _check_split(name: str, ds, columns) -> tuple[list[BadImage], bool]:
     """(bad images of one split, whether they were decoded now rather than read from the cache)."""
+    if len(ds) == 0:  # nothing to decode (evaluate checks its one split as the validation split)
+        return [], False
     cache = _cache_file(ds, columns)
     cached = dist_utils.broadcast_object(_read_cache(cache) if dist_utils.is_main_process() else None)
     if cached is not None:

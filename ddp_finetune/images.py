@@ -64,6 +64,23 @@ def open_rgb(image, where: str | None = None):
     return to_rgb(image, where or getattr(image, "filename", "") or "an image")
 
 
+def try_open_rgb(value):
+    """(RGB PIL image, None), or (None, why it cannot be used) for a path or a stored {"bytes", "path"}
+    value. Never raises: for commands that report an unreadable image and go on (`predict`)."""
+    try:
+        image = _open(value)
+        image.load()
+    except Exception as exc:  # truncated data (OSError), broken chunks (SyntaxError), bombs, ...
+        return None, _reason(exc)
+    problem = rgb_problem(image)
+    if problem:
+        return None, problem
+    try:
+        return to_rgb(image), None
+    except UserError as exc:  # a mode that cannot become RGB
+        return None, str(exc).partition(": ")[2] or str(exc)
+
+
 def unreadable(name: str, problem: str) -> UserError:
     """The error for an image that stopped decoding after the start-up check."""
     return UserError(

@@ -74,6 +74,39 @@ def segmentation_sample_stats(logits: torch.Tensor, targets: torch.Tensor, ignor
     return confusion, ce_stats, bad
 
 
+def classification_confusion(logits: torch.Tensor, targets: torch.Tensor, task: str) -> torch.Tensor:
+    """Counts of (target, predicted) as evaluation predicts: argmax (classification, (C, C)), logit > 0
+    (binary, (2, 2); multilabel, one (2, 2) per label: (L, 2, 2)). Rows are the target."""
+    if task == "classification":
+        preds, truth, classes = logits.argmax(1).view(1, -1), targets.view(1, -1), logits.shape[1]
+    elif task == "binary":
+        preds, truth, classes = (logits.reshape(1, -1) > 0), (targets.reshape(1, -1) >= 0.5), 2
+    else:  # multilabel: one "sample" per label
+        preds, truth, classes = (logits > 0).T, (targets >= 0.5).T, 2
+    confusion, _ = confusion_matrices(preds.long(), truth.long(), classes)
+    return confusion[0] if task != "multilabel" else confusion
+
+
+def per_class_metrics(confusion: torch.Tensor) -> dict[str, list]:
+    """Per class of a (C, C) confusion matrix (rows = target): precision, recall, f1 (= Dice), iou and
+    support (target count). A ratio of 0 / 0 (a class never predicted, or absent from the targets) is None."""
+    confusion = confusion.double()
+    tp = confusion.diagonal()
+    predicted, actual = confusion.sum(0), confusion.sum(1)
+    fp, fn = predicted - tp, actual - tp
+
+    def ratio(num, den) -> list:
+        return [None if d == 0 else (n / d).item() for n, d in zip(num, den)]
+
+    return {
+        "precision": ratio(tp, predicted),
+        "recall": ratio(tp, actual),
+        "f1": ratio(2 * tp, 2 * tp + fp + fn),
+        "iou": ratio(tp, tp + fp + fn),
+        "support": [int(a) for a in actual.tolist()],
+    }
+
+
 def segmentation_metrics(confusion: torch.Tensor) -> dict:
     """Pixel accuracy, mean IoU and mean Dice from a summed (C, C) confusion matrix (rows = target).
 

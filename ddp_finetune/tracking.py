@@ -12,6 +12,8 @@ import os
 import uuid
 from pathlib import Path
 
+METRICS_FILE = "metrics.jsonl"
+
 
 def wandb_logged_in() -> bool:
     if os.environ.get("WANDB_API_KEY"):
@@ -82,13 +84,13 @@ class MetricsLog:
 
     def __init__(self, accelerator, output_dir, resume_step: int | None = None):
         self.accelerator = accelerator
-        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path = Path(output_dir) / METRICS_FILE
         self._resumed: set[tuple] = set()  # (split, step) records of the resumed step, replaced if logged again
         if accelerator.is_main_process:
             if resume_step is None:
                 self.path.write_text("")
             elif self.path.exists():
-                kept = [r for r in _records(self.path) if r.get("step", 0) <= resume_step]
+                kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
                 self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
                 self._resumed = {_key(r) for r in kept if r.get("step") == resume_step}
 
@@ -98,7 +100,7 @@ class MetricsLog:
         clean = {k: _json_value(v) for k, v in record.items()}
         if _key(clean) in self._resumed:
             self._resumed.discard(_key(clean))
-            others = [r for r in _records(self.path) if _key(r) != _key(clean)]
+            others = [r for r in read_metrics(self.path) if _key(r) != _key(clean)]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in others))
         with self.path.open("a") as f:
             f.write(json.dumps(clean) + "\n")
@@ -116,8 +118,8 @@ def _key(record: dict) -> tuple:
     return record.get("split", "train"), record.get("step")
 
 
-def _records(path: Path) -> list[dict]:
-    """The file's records; a line cut short (the process was killed while writing it) is dropped."""
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl; a line cut short (the process was killed while writing it) is dropped."""
     out = []
     for line in path.read_text().splitlines():
         try:

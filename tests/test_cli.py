@@ -122,6 +122,13 @@ def test_help_and_version_exit_0():
         (["--bogus"], "unrecognized arguments: --bogus"),
         (["lr-plot", "x.yaml", "--outt", "lr.png"], "unrecognized arguments: --outt"),
         (["train", "train.epochs=3", "x.yaml"], "the CONFIG comes first"),
+        (["evaluate", "train.eval_batch_size=4", "runs/x"], "the RUN_OR_MODEL comes first"),
+        (
+            ["predict", "runs/x", "train.eval_batch_size=4", "--out", "p.csv"],
+            "the following arguments are required: INPUT",
+        ),
+        (["predict", "runs/x", "a.jpg"], "the following arguments are required: --out"),
+        (["plot", "--out", "c.png"], "the following arguments are required: RUN"),
         (["init", "--task", "regression"], "argument --task: invalid choice: 'regression'"),
     ],
 )
@@ -133,7 +140,12 @@ def _option_example(action) -> tuple[list[str], object]:
     """(tokens that set the option to a value other than its default, the parsed value)."""
     if action.nargs == 0:
         return [action.option_strings[0]], action.const
-    value = list(action.choices)[-1] if action.choices else (5 if action.type is int else "somewhere")
+    if action.choices:
+        value = list(action.choices)[-1]
+    elif action.type is int:
+        value = (action.default or 0) + 2
+    else:
+        value = 0.25 if action.type is float else "somewhere"
     return [action.option_strings[0], str(value)], value
 
 
@@ -142,16 +154,27 @@ def test_every_command_takes_overrides_before_between_and_after_its_options(name
     _, parsers = build_parser()
     options = [a for a in parsers[name]._actions if a.option_strings and a.dest != "help"]
     config = ["my.yaml"] if COMMANDS[name].takes_config else []
+    firsts = [p for p in COMMANDS[name].positionals if not p.many]
+    config += [f"{p.metavar.lower()}_path" for p in firsts]
+    many = [p for p in COMMANDS[name].positionals if p.many]
     mixed, expected = ["a.b=1"], {}
     for action in options:
         tokens, expected[action.dest] = _option_example(action)
         assert expected[action.dest] != action.default
         mixed += [*tokens, f"{action.dest}.x=2"]
+    # a command's paths (predict's INPUT..., plot's RUN...) may sit anywhere among the overrides too
+    paths = [f"path{i}" for i, token in enumerate(mixed) if "=" in token] if many else []
+    if many:
+        mixed = [t for i, token in enumerate(mixed) for t in ([token, f"path{i}"] if "=" in token else [token])]
     args = parse([name, *config, *mixed, "c=3"])
     assert args.command == name and args.overrides == [t for t in mixed if "=" in t] + ["c=3"]
     assert {dest: getattr(args, dest) for dest in expected} == expected
-    if config:
+    if COMMANDS[name].takes_config:
         assert args.config == "my.yaml"
+    for p in firsts:
+        assert getattr(args, p.dest) == f"{p.metavar.lower()}_path"
+    for p in many:
+        assert getattr(args, p.dest) == paths
 
 
 def test_lr_plot_with_overrides_after_its_options(tmp_path, image_folder):
