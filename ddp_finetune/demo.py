@@ -6,7 +6,7 @@
 3. Target task: digits 5-9 with only a few labelled images per class. Fine-tune from the source
    weights, loaded from the local .safetensors file with a fresh head (`@digits_target`), and
    train the same model from scratch on the same budget.
-4. Print the target accuracy of both.
+4. Print the target accuracy of both, and draw their training curves side by side (`curves.png`).
 
 `ddp-finetune demo --task segmentation` writes synthetic shapes (`shapes.py`) and trains
 LR-ASPP on them from scratch (`@segmentation_example`).
@@ -141,7 +141,21 @@ def run_classification_demo(out: Path, overrides=()) -> dict:
     (out / "results.md").write_text(text + "\n")
     summary = {"source": source_summary, **results}
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    draw_curves([target_dir, out / "target_scratch"], out / "curves.png", "digits 5-9: fine-tuned vs from scratch")
     return summary
+
+
+def draw_curves(runs, path: Path, title: str) -> None:
+    """The runs' training curves (`ddp-finetune plot`), or a note when matplotlib is not installed."""
+    import importlib.util
+
+    from .plot import plot_runs
+
+    if importlib.util.find_spec("matplotlib") is None:  # the results stand without the picture
+        print("demo: no curves picture: install matplotlib with pip install 'ddp-finetune[plot]'", flush=True)
+        return
+    plot_runs(runs, path, title=title)
+    print(f"demo: training curves in {path}", flush=True)
 
 
 def run_segmentation_demo(out: Path, overrides=()) -> dict:
@@ -176,4 +190,5 @@ def run_segmentation_demo(out: Path, overrides=()) -> dict:
     print(f"\n{table}", flush=True)
     (out / "results.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    draw_curves([run_dir], out / "curves.png", f"{cfg.model.name} on the shapes")
     return summary

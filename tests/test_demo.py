@@ -55,6 +55,7 @@ def test_demo_runs_source_then_both_target_runs(tmp_path, capsys):
     assert saved["source"]["final_weights"].endswith("source/final/model.safetensors")
     assert results["fine-tuned from source weights"]["steps"] == 2
     assert 0.0 <= saved["from scratch"]["val"]["top1"] <= 1.0
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG" and "training curves in" in out
 
 
 def test_demo_refuses_several_processes(tmp_path, monkeypatch):

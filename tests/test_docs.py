@@ -49,3 +49,8 @@ def test_launch_files_start_with_their_command_and_parse():
         assert text.startswith("#") and "accelerate launch --config_file launch/" + f.name in text, f
         cfg = yaml.safe_load(text)
         assert cfg["distributed_type"] in ("NO", "MULTI_GPU") and cfg["num_processes"] >= 1
+
+
+def test_readme_pictures_are_in_the_repository():
+    pictures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", README)
+    assert pictures and all((ROOT / p).is_file() for p in pictures), pictures
