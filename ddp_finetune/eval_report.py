@@ -27,6 +27,7 @@ from .image_check import check_images
 from .losses import build_loss
 from .metrics import classification_confusion, classification_metrics, per_class_metrics
 from .model_folder import LoadedModel, ModelCard, load_model_folder
+from .performance import configure_backends
 
 REPORT = "eval.json"
 CONFUSION_PNG = "confusion_matrix.png"
@@ -104,6 +105,8 @@ def evaluate_model(model_path, data=None, split=None, out=None, overrides=()) ->
     loaded = load_model_folder(model_path, overrides)
     cfg, card = loaded.cfg, loaded.card
     accelerator = dist_utils.make_accelerator(cfg.train.mixed_precision)
+    # the numerics training evaluated with (TF32 and cuDNN autotuning on CUDA unless train.deterministic)
+    configure_backends(accelerator.device.type == "cuda", cfg.train.deterministic)
     batch = cfg.train.eval_batch_size or cfg.train.batch_size
     if batch % accelerator.num_processes:
         raise UserError(

@@ -40,6 +40,7 @@ from .errors import UserError
 from .images import try_open_rgb
 from .model_folder import THRESHOLD, ModelCard, load_model_folder
 from .models import split_outputs
+from .performance import configure_backends
 from .predict_outputs import Options, Writer, csv_rows, mask_png, overlay_jpeg, palette
 
 # --------------------------------------------------------------------------- inputs
@@ -242,6 +243,7 @@ def predict(model_path, inputs, out, opts: Options | None = None, overrides=()) 
         opts = dataclasses.replace(opts, threshold=card.threshold if card.threshold is not None else THRESHOLD)
     check_out(out, card.task)
     accelerator = dist_utils.make_accelerator(cfg.train.mixed_precision)
+    configure_backends(accelerator.device.type == "cuda", cfg.train.deterministic)  # as training ran the model
     found = list_inputs(inputs, cfg.data.image_column)
     if card.task == "segmentation":
         check_unique_outputs(found.items)
