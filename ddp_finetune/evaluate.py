@@ -25,16 +25,18 @@ def evaluate(run) -> dict:
     run.model.eval()
     a, cfg = run.accelerator, run.cfg
     if cfg.task == "segmentation":
-        return evaluate_segmentation(a, run.model, run.val_loader, run.classes.outputs, cfg.loss.ignore_index)
-    return evaluate_classification(a, run.model, run.val_loader, run.eval_loss_fn, cfg.task)
+        return evaluate_segmentation(
+            a, run.model, run.val_loader, run.prepare_input, run.classes.outputs, cfg.loss.ignore_index
+        )
+    return evaluate_classification(a, run.model, run.val_loader, run.prepare_input, run.eval_loss_fn, cfg.task)
 
 
-def evaluate_classification(accelerator, model, loader, loss_fn: Callable, task: str) -> dict:
+def evaluate_classification(accelerator, model, loader, prepare_input: Callable, loss_fn: Callable, task: str) -> dict:
     """`loss_fn` of all gathered logits (not synchronized: every rank holds them all) and the task's metrics."""
     all_logits, all_targets = [], []
     with torch.no_grad():
         for x, y in loader:
-            logits, _ = split_outputs(model(x))
+            logits, _ = split_outputs(model(prepare_input(x)))
             logits, y = accelerator.gather_for_metrics((logits.float().contiguous(), y.contiguous()))
             all_logits.append(logits.cpu())
             all_targets.append(y.cpu())
@@ -47,7 +49,9 @@ def evaluate_classification(accelerator, model, loader, loss_fn: Callable, task:
     return metrics
 
 
-def evaluate_segmentation(accelerator, model, loader, num_classes: int, ignore_index: int | None) -> dict:
+def evaluate_segmentation(
+    accelerator, model, loader, prepare_input: Callable, num_classes: int, ignore_index: int | None
+) -> dict:
     """Pixel metrics without gathering logits: each rank turns every sample into a confusion matrix and
     a cross-entropy (sum, count), `gather_for_metrics` gathers those rows (padding duplicates dropped)
     and their sums give the single-process numbers. `loss` is the mean pixel cross-entropy over the
@@ -56,7 +60,7 @@ def evaluate_segmentation(accelerator, model, loader, num_classes: int, ignore_i
     count = 0
     with torch.no_grad():
         for x, y in loader:
-            logits, _ = split_outputs(model(x))
+            logits, _ = split_outputs(model(prepare_input(x)))
             conf_b, ce_b, bad_b = accelerator.gather_for_metrics(segmentation_sample_stats(logits, y, ignore_index))
             sums = (conf_b.sum(0), ce_b.sum(0), bad_b.sum())
             confusion, ce, bad = sums if confusion is None else (confusion + sums[0], ce + sums[1], bad + sums[2])

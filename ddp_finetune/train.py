@@ -133,6 +133,7 @@ def optimizer_step(run: Run, micro_batches: list, epoch: int, window: Window) ->
     stats = statistics_pass(run, micro_batches)
     step_loss = torch.zeros((), dtype=torch.float64, device=a.device)
     for i, (x, y) in enumerate(micro_batches):
+        x = run.prepare_input(x)  # uint8 (or JPEG files) -> normalized float on the device
         # DDP all-reduces the gradients on the last micro-batch's backward only
         with a.no_sync(run.model) if i < k - 1 else contextlib.nullcontext():
             loss = forward_loss(run, x, y, stats, k)

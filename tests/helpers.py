@@ -159,6 +159,16 @@ def fit_in_process(config_path, *overrides) -> dict:
         return fit(load_config(config_path, list(overrides)))
 
 
+def model_input(samples):
+    """uint8 samples (as the datasets give them) as the normalized float batch the model sees (ImageNet
+    statistics, on the CPU): what `run.prepare_input` does inside the step."""
+    import torch
+
+    from ddp_finetune.transforms import IMAGENET_MEAN, IMAGENET_STD, DeviceInput
+
+    return DeviceInput(IMAGENET_MEAN, IMAGENET_STD)(torch.stack(list(samples)))
+
+
 def datasets_of(cfg):
     """(train, val, classes, splits) of a config, as a run builds them (ImageNet normalization)."""
     from ddp_finetune.data import decide_classes, load_splits
