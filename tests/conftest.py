@@ -21,7 +21,7 @@ def pytest_collection_modifyitems(config, items):
 
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs CUDA (a GPU test; its CPU twin runs the same code)")
+    skip = pytest.mark.skip(reason="needs CUDA (gpu marker: run by benchmarks/device_check.sh on a GPU machine)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
