@@ -2,7 +2,7 @@
 
     python benchmarks/gpu.py                                   # ResNet-50, batch 256, on the GPU it finds
     python benchmarks/gpu.py --model resnet18 --budget-s 200
-    python benchmarks/gpu.py --device cpu --model resnet18 --batch 8 --size 32 --steps 6 --images 64   # smoke test
+    python benchmarks/gpu.py --device cpu --model resnet18 --batch 8 --size 32 --steps 5 --warmup 0 --images 64 --no-compile
 
 Rows (each measured as the median images/s of 5-step windows after warm-up, every window ending
 on a host sync; the package's windows are its own `images_per_second` log records):
@@ -26,6 +26,7 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -161,9 +162,17 @@ def package_run(args, tmp: Path, name: str, data: Path, overrides: list[str], sy
         stack.callback(setattr, run_module, "build_datasets", original)
         fit(cfg)
     records = [json.loads(line) for line in (tmp / name / "metrics.jsonl").read_text().splitlines()]
-    windows = [r["images_per_second"] for r in records if r["split"] == "train"][2:]
-    start = next((line for line in log.read_text().splitlines() if line.startswith("data loading")), "")
-    return {"images_per_second": statistics.median(windows) if windows else float("nan"), "notes": start}
+    # each logged window covers the WINDOW steps before its record; the warm-up's are left out
+    windows = [r["images_per_second"] for r in records if r["split"] == "train" and r["step"] - WINDOW >= args.warmup]
+    return {"images_per_second": statistics.median(windows) if windows else float("nan"), "notes": _notes(log)}
+
+
+def _notes(log: Path) -> str:
+    """Workers per rank and where the images were decoded, from the run's start-up line."""
+    line = next((x for x in log.read_text().splitlines() if x.startswith("data loading")), "")
+    workers = re.search(r"(\d+) workers? per rank", line)
+    decoded = line.split("; images ", 1)[-1].split(", normalized")[0] if "; images " in line else ""
+    return f"{workers.group(1) if workers else 0} workers/rank; {decoded}"
 
 
 # --------------------------------------------------------------------------- the table
@@ -208,6 +217,8 @@ def rows_for(args, device, tmp: Path, jpegs: Path, small: Path) -> list[Row]:
             pkg("gpu_half", jpegs, [f"train.mixed_precision={half}", "data.decode=gpu"]),
         ),
     ]
+    seen = set()  # on CPU the second precision is bf16 again: keep each row once
+    rows = [r for r in rows if (r.what, r.precision) not in seen and not seen.add((r.what, r.precision))]
     if not args.no_compile:
         rows.append(Row("raw, compiled", "bf16", lambda: raw_loop(args, device, "bf16", True)))
         if compile_option:
@@ -266,9 +277,13 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="also write the table (and per-row logs beside it) here")
     args = p.parse_args()
+    # whole windows: the package logs every WINDOW steps, so warm-up and timed steps are multiples of it
+    args.warmup, args.steps = (-(-n // WINDOW) * WINDOW for n in (args.warmup, max(args.steps, WINDOW)))
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     device = torch.device(args.device)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
