@@ -130,10 +130,11 @@ def optimizer_step(run: Run, micro_batches: list, epoch: int, window: Window) ->
     (`statistics_pass`). A step whose gradients are not finite is skipped on the device (`run.guard`).
     """
     a, k = run.accelerator, len(micro_batches)
+    # uint8 batches (or JPEG files) -> the model's input, normalized on the device; once per step
+    micro_batches = [(run.prepare_input(x), y) for x, y in micro_batches]
     stats = statistics_pass(run, micro_batches)
     step_loss = torch.zeros((), dtype=torch.float64, device=a.device)
     for i, (x, y) in enumerate(micro_batches):
-        x = run.prepare_input(x)  # uint8 (or JPEG files) -> normalized float on the device
         # DDP all-reduces the gradients on the last micro-batch's backward only
         with a.no_sync(run.model) if i < k - 1 else contextlib.nullcontext():
             loss = forward_loss(run, x, y, stats, k)

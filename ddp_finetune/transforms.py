@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .models.parts import IMAGENET_MEAN, IMAGENET_STD  # what a model without its own statistics expects
+from .models.parts import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401  (re-exported: a model without its own statistics)
 
 EVAL_CROP_FRACTION = 0.875  # evaluation: shorter side to size / 0.875, then the centre size x size (torchvision's)
 CROP_SCALE = (0.08, 1.0)  # RandomResizedCrop's defaults: area fraction and aspect ratio range
