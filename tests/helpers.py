@@ -16,11 +16,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def tiny_config(tmp_path, image_folder, **sections) -> Path:
-    """A YAML config that trains resnet18 on 16px images in a few seconds."""
+    """A YAML config that trains resnet18 on 16px images in a few seconds.
+
+    No data workers (the default is `auto`): on 16px images starting them costs more than they
+    save (tests/test_train.py and test_lr_e2e.py took 179 s with auto's 1 worker against 110 s
+    without, on the 2-core machine); the tests of workers ask for them."""
     cfg = {
         "output_dir": str(tmp_path / "run"),
         "seed": 0,
-        "data": {"path": str(image_folder), "image_size": 16, "augment": False, "val_fraction": 0.25},
+        "data": {"path": str(image_folder), "image_size": 16, "augment": False, "val_fraction": 0.25, "num_workers": 0},
         "model": {"name": "resnet18", "freeze_bn": True},
         "train": {"epochs": 2, "batch_size": 6},
         "optim": {"lr": 0.01},

@@ -7,6 +7,7 @@ GPU): `pytest -m gpu` on a GPU machine runs the cuda cases (benchmarks/device_ch
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -203,10 +204,12 @@ def test_training_on_device_decoded_jpegs_with_synchronized_dice(tmp_path, jpeg_
 
 
 def test_start_up_lines_say_how_data_is_loaded_and_decoded(tmp_path, jpeg_folder, capsys):
-    config = tiny_config(tmp_path, jpeg_folder, data={"image_size": 24, "num_workers": 2}, train={"epochs": 1})
+    config = tiny_config(tmp_path, jpeg_folder, data={"image_size": 24, "num_workers": "auto"}, train={"epochs": 1})
     fit_in_process(config, "data.decode=gpu")
     out = capsys.readouterr().out
-    assert "data loading: 2 workers per rank (data.num_workers=2), persistent, 2 batches ahead each" in out
+    cpus = len(os.sched_getaffinity(0))
+    workers = f"{cpus - 1} worker{'s' if cpus > 2 else ''} per rank" if cpus > 1 else "in the training process"
+    assert f"data loading: {workers} (auto: {cpus} CPUs (this process's CPU affinity), minus 1" in out
     if not torch.cuda.is_available():
         assert out.count("data.decode=gpu, but there is no CUDA device: decoded by the CPU workers") == 1
     else:

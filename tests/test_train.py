@@ -36,8 +36,10 @@ def test_tiny_run_writes_its_files(tmp_path, image_folder):
 
 
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, image_folder):
-    """Stop mid-epoch (step 4 of 6, epoch 2 step 1), resume with auto: same weights, same losses."""
-    extra = dict(data={"augment": True}, train={"epochs": 2, "batch_size": 6})
+    """Stop mid-epoch (step 4 of 6, epoch 2 step 1), resume with auto: same weights, same losses.
+    With persistent data workers, as runs have them by default: the resumed epoch's skipped batches
+    and the next epoch's crops come from the sampler's (epoch, index) keys."""
+    extra = dict(data={"augment": True, "num_workers": 2}, train={"epochs": 2, "batch_size": 6})
     whole = tiny_config(tmp_path / "a", image_folder, **extra)
     fit_in_process(whole)
 
