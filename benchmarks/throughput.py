@@ -30,34 +30,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 from datagen import make_jpeg_folder  # noqa: E402
+from helpers import accelerate_launch_cmd  # noqa: E402
 
 
-def run_package(procs: int, config: Path, out: Path, port: int, threads: int) -> dict:
+def run_package(procs: int, config: Path, out: Path, threads: int) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), WANDB_MODE="offline", PYTHONWARNINGS="ignore")
     if procs == 1:  # `ddp-finetune train`, with the CPU time of its training phase measured too (see child)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(config), str(out)]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            str(procs),
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            str(port),
-            "-m",
-            "ddp_finetune",
-            "train",
-            str(config),
-            f"output_dir={out}",
-        ]
+    else:  # on a free port, so that a benchmark never collides with a test run or another job
+        cmd = [*accelerate_launch_cmd(procs), "-m", "ddp_finetune", "train", str(config), f"output_dir={out}"]
     subprocess.run(cmd, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
     return json.loads((out / "summary.json").read_text())
 
@@ -136,13 +117,13 @@ def main() -> None:
         config = tmp / "bench.yaml"
         config.write_text(yaml.safe_dump(cfg))
         rows = []
-        for i, n in enumerate(args.procs):
+        for n in args.procs:
             threads = max(1, cores // n)
-            s = run_package(n, config, tmp / f"run{n}", 29700 + i, threads)
+            s = run_package(n, config, tmp / f"run{n}", threads)
             rows.append((n, threads, s["images_per_second"], s["wall_time_s"]))
         pairs = []  # (package, peer) summaries, alternating
         for r in range(args.repeats):
-            package = run_package(1, config, tmp / f"pair{r}", 29690, args.pair_threads)
+            package = run_package(1, config, tmp / f"pair{r}", args.pair_threads)
             pairs.append((package, run_peer(images, args, workers.workers, args.pair_threads)))
     print(
         f"model {args.model}, {args.size}px JPEGs, global batch {args.batch}, {args.steps} steps, precision "
