@@ -91,10 +91,13 @@ def main() -> None:
     if args.child:
         return child(*args.child)
 
+    import torch
+
     from ddp_finetune.loaders import plan_loaders
 
     cores = os.cpu_count() or 1
-    workers = plan_loaders("auto", cuda=False)  # what the package's default gives a single process here
+    torch.set_num_threads(args.pair_threads)  # as in the pair runs' processes (OMP_NUM_THREADS)
+    workers = plan_loaders("auto", cuda=False)  # what the package's default gives them here
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         # every step of the run inside one epoch, for the package (5% held out) and the peer alike

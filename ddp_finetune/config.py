@@ -81,7 +81,7 @@ class DataConfig:
     augment: bool = True
     """Train-time RandomResizedCrop + horizontal flip, seeded per sample so every world size sees the same augmentation."""
     num_workers: int | Literal["auto"] = "auto"
-    """DataLoader worker processes per rank; `auto`: the CPUs this process may use (its CPU affinity, capped by SLURM's `SLURM_CPUS_PER_TASK`) divided by the processes on its node, minus one for the training loop. The start-up lines say how many each rank got and why."""
+    """DataLoader worker processes per rank; `auto`: the CPUs this process may use (its CPU affinity, capped by SLURM's `SLURM_CPUS_PER_TASK`) divided by the processes on its node, minus one for the training loop (on a CPU run: minus the training process's torch threads). The start-up lines say how many each rank got and why."""
     decode: Literal["cpu", "gpu", "auto"] = "cpu"
     """Where JPEG images are decoded: `cpu` (the workers decode, crop and flip), `gpu` (the workers only read the files and draw the crops; the GPU decodes the batch with nvJPEG and crops it, with the same per-sample crops), `auto` (gpu where it applies). Non-JPEG files, segmentation and CPU runs decode on the CPU; the start-up lines say which."""
     bad_images: Literal["error", "skip"] = "error"

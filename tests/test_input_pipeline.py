@@ -168,6 +168,12 @@ def test_auto_workers_share_this_process_cpus_with_the_node(monkeypatch):
     plan = plan_loaders("auto", cuda=True)
     assert plan.workers == 0 and plan.prefetch is None and "in the training process" in plan.describe()
     assert plan_loaders(3, cuda=False).describe().startswith("data loading: 3 workers per rank (data.num_workers=3)")
+    # a CPU run leaves the cores its torch threads compute on to them
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setattr("torch.get_num_threads", lambda: 4)
+    plan = plan_loaders("auto", cuda=False)
+    assert plan.workers == 12 and "minus 4 for the training process's torch threads" in plan.describe()
 
 
 # --------------------------------------------------------------------------- end to end
@@ -207,9 +213,10 @@ def test_start_up_lines_say_how_data_is_loaded_and_decoded(tmp_path, jpeg_folder
     config = tiny_config(tmp_path, jpeg_folder, data={"image_size": 24, "num_workers": "auto"}, train={"epochs": 1})
     fit_in_process(config, "data.decode=gpu")
     out = capsys.readouterr().out
-    cpus = len(os.sched_getaffinity(0))
-    workers = f"{cpus - 1} worker{'s' if cpus > 2 else ''} per rank" if cpus > 1 else "in the training process"
-    assert f"data loading: {workers} (auto: {cpus} CPUs (this process's CPU affinity), minus 1" in out
+    cpus, keep = len(os.sched_getaffinity(0)), 1 if torch.cuda.is_available() else torch.get_num_threads()
+    n = max(0, cpus - keep)
+    workers = f"{n} worker{'s' if n > 1 else ''} per rank" if n else "in the training process"
+    assert f"data loading: {workers} (auto: {cpus} CPUs (this process's CPU affinity), minus {keep} " in out
     if not torch.cuda.is_available():
         assert out.count("data.decode=gpu, but there is no CUDA device: decoded by the CPU workers") == 1
     else:
