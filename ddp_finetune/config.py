@@ -80,8 +80,10 @@ class DataConfig:
     """Side of the square crop fed to the model."""
     augment: bool = True
     """Train-time RandomResizedCrop + horizontal flip, seeded per sample so every world size sees the same augmentation."""
-    num_workers: int = 0
-    """DataLoader worker processes per rank."""
+    num_workers: int | Literal["auto"] = "auto"
+    """DataLoader worker processes per rank; `auto`: the CPUs this process may use (its CPU affinity, capped by SLURM's `SLURM_CPUS_PER_TASK`) divided by the processes on its node, minus one for the training loop (on a CPU run: minus the training process's torch threads). The start-up lines say how many each rank got and why."""
+    decode: Literal["cpu", "gpu", "auto"] = "cpu"
+    """Where JPEG images are decoded: `cpu` (the workers decode, crop and flip), `gpu` (the workers only read the files and draw the crops; the GPU decodes the batch with nvJPEG and crops it, with the same per-sample crops), `auto` (gpu where it applies). Non-JPEG files, segmentation and CPU runs decode on the CPU; the start-up lines say which."""
     bad_images: Literal["error", "skip"] = "error"
     """Images that do not decode (found by a check of every image before training, cached per dataset): `error` stops with their list, `skip` trains without them."""
 
@@ -92,8 +94,8 @@ class DataConfig:
             )
         _range("data.val_fraction", self.val_fraction, 0.0, 1.0, low_open=True, high_open=True)
         _positive("data.image_size", self.image_size)
-        if self.num_workers < 0:
-            raise UserError(f"data.num_workers={self.num_workers} is negative; use 0 or more")
+        if self.num_workers != "auto" and self.num_workers < 0:
+            raise UserError(f"data.num_workers={self.num_workers} is negative; use 0 or more, or auto")
         if self.class_names is not None and len(self.class_names) < 2:
             raise UserError(
                 f"data.class_names={self.class_names!r} needs at least 2 names (background included), or null"

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import operator
 import types
 import typing
 from importlib import resources
@@ -36,16 +38,19 @@ def check_types(obj, prefix: str) -> None:
 
 
 def _unwrap_optional(tp):
+    """(the type without `| None`, whether None is allowed); `int | Literal["auto"]` stays a union."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0], True
+        return functools.reduce(operator.or_, args), type(None) in typing.get_args(tp)
     return tp, False
 
 
 def _type_name(tp) -> str:
     inner, optional = _unwrap_optional(tp)
-    if typing.get_origin(inner) is Literal:
+    if typing.get_origin(inner) in (typing.Union, types.UnionType):
+        name = " or ".join(_type_name(arm) for arm in typing.get_args(inner))
+    elif typing.get_origin(inner) is Literal:
         name = "one of " + ", ".join(str(a) for a in typing.get_args(inner))
     else:
         name = str(inner).replace("typing.", "") if typing.get_args(inner) else getattr(inner, "__name__", str(inner))
@@ -80,6 +85,13 @@ def _coerce(key: str, value: Any, tp) -> Any:
             return None
         raise UserError(f"{key} cannot be null; give a {_type_name(tp)}")
     origin, args = typing.get_origin(inner), typing.get_args(inner)
+    if origin in (typing.Union, types.UnionType):  # e.g. int | Literal["auto"]: the first arm that takes the value
+        for arm in args:
+            try:
+                return _coerce(key, value, arm)
+            except UserError:
+                pass
+        raise UserError(f"{key}={value!r} has the wrong type; expected {_type_name(tp)}")
     if origin is Literal:
         if value in args and type(value) is type(args[args.index(value)]):
             return value

@@ -1,7 +1,13 @@
-"""Torch datasets over a Hugging Face split: (image tensor, target) pairs for every task.
+"""Torch datasets over a Hugging Face split: (uint8 image (3, S, S), target) pairs for every task.
 
-Segmentation (`task: segmentation`) pairs each image with a mask of class indices; the same v2
-transforms crop, flip and resize both together (`tv_tensors.Mask` is resized with NEAREST).
+Images leave the workers as uint8; `transforms.DeviceInput` normalizes them on the device. A
+sample is addressed by its index, or by (epoch, index) as `loaders.EpochSampler` yields it: the
+epoch travels with the index, so persistent workers (which keep their own copy of the dataset)
+still crop each epoch differently. Segmentation (`task: segmentation`) pairs each image with a
+mask of class indices that is cropped, flipped and resized (nearest) together with it.
+
+`data.decode: gpu` (`on_device=True`): the workers read each JPEG file and draw its crop; the
+device decodes and crops the batch (`transforms.EncodedBatch`).
 """
 
 from __future__ import annotations
@@ -11,34 +17,50 @@ from torch.utils.data import Dataset
 
 from .data import Classes, Splits
 from .errors import UserError
-from .images import mask_array, open_rgb, read_row
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms, sample_rng
+from .images import as_byte_tensor, decode_rgb, image_bytes, is_jpeg, jpeg_size, mask_array, read_row
+from .transforms import EncodedImage, draw_crop, eval_view, sample_rng, train_view
+
+
+def _undecoded(hf_ds, column: str):
+    """The split with its Image column left encoded ({"bytes", "path"} cells): the workers decode with
+    torchvision.io, or hand the file to the device, instead of receiving a PIL image."""
+    import datasets
+
+    feature = hf_ds.features.get(column)
+    if isinstance(feature, datasets.Image) and feature.decode:
+        return hf_ds.cast_column(column, datasets.Image(decode=False))
+    return hf_ds
+
+
+def _epoch_and_index(key, epoch: int) -> tuple[int, int]:
+    return (int(key[0]), int(key[1])) if isinstance(key, tuple) else (epoch, int(key))
 
 
 class ImageDataset(Dataset):
-    """A Hugging Face split as (image tensor, target) pairs.
+    """A Hugging Face split as (uint8 image (3, size, size), target) pairs.
 
     Targets: class index (classification), float 0/1 of shape (1,) (binary), multi-hot float
-    vector (multilabel). Random transforms are seeded per (seed, epoch, index), so they do not
-    depend on which rank, worker or restart loads the sample.
+    vector (multilabel). With `random`, each sample gets a random crop and flip drawn from its
+    (seed, epoch, index), so they do not depend on which rank, worker or restart loads it.
     """
 
     def __init__(
         self,
         hf_ds,
-        transform,
         image_column: str,
         label_column: str,
         task: str,
         classes: Classes,
+        size: int,
         seed: int = 0,
         random: bool = False,
+        on_device: bool = False,
     ):
-        self.ds, self.transform = hf_ds, transform
+        self.ds = _undecoded(hf_ds, image_column)
         self.image_column, self.label_column = image_column, label_column
-        self.task, self.classes = task, classes
+        self.task, self.classes, self.size = task, classes, size
         self.label_to_index = classes.label_to_index
-        self.seed, self.random, self.epoch = seed, random, 0
+        self.seed, self.random, self.on_device, self.epoch = seed, random, on_device, 0
 
     def __len__(self):
         return len(self.ds)
@@ -68,63 +90,98 @@ class ImageDataset(Dataset):
             )
         return index
 
-    def __getitem__(self, index):
-        row = read_row(self.ds, int(index), f"row {int(index)}")
-        image = open_rgb(row[self.image_column])
-        if self.random:
-            with sample_rng(self.seed, self.epoch, index):
-                x = self.transform(image)
-        else:
-            x = self.transform(image)
+    def crop(self, epoch: int, index: int, height: int, width: int):
+        """The sample's augmentation (None without `random`): the one draw both decoding paths use."""
+        return draw_crop(sample_rng(self.seed, epoch, index), height, width) if self.random else None
+
+    def __getitem__(self, key):
+        epoch, index = _epoch_and_index(key, self.epoch)
+        row = read_row(self.ds, index, f"row {index}")
+        cell = row[self.image_column]
+        if self.on_device:
+            return self._encoded(cell, epoch, index), self.target(row[self.label_column])
+        image = decode_rgb(cell, f"row {index}")
+        crop = self.crop(epoch, index, *image.shape[-2:])
+        x = train_view(image, crop, self.size) if crop else eval_view(image, self.size)
         return x, self.target(row[self.label_column])
+
+    def _encoded(self, cell, epoch: int, index: int) -> EncodedImage:
+        data = image_bytes(cell)
+        if data is not None and is_jpeg(data):
+            size = jpeg_size(data)
+            if size is not None:  # the header says nvJPEG can decode it
+                return EncodedImage(as_byte_tensor(data), self.crop(epoch, index, *size), self.size)
+        image = decode_rgb(
+            cell, f"row {index}"
+        )  # not a JPEG nvJPEG takes: decoded here, cropped on the device all the same
+        return EncodedImage(image, self.crop(epoch, index, *image.shape[-2:]), self.size)
 
 
 class SegmentationDataset(Dataset):
-    """A Hugging Face split as (image tensor (3, S, S), int64 class-index mask (S, S)) pairs.
+    """A Hugging Face split as (uint8 image (3, S, S), int64 class-index mask (S, S)) pairs.
 
-    The transforms see the image and its `tv_tensors.Mask` together, so one random crop and flip
-    (seeded per (seed, epoch, index), as `ImageDataset`) moves both; masks are resized with NEAREST.
+    One crop and flip (drawn per (seed, epoch, index), as in `ImageDataset`) moves both; masks are
+    resized with NEAREST. Masks stay int64 on the way to the device: a uint8 mask would wrap a
+    class index above 255 into a valid-looking one instead of letting the loss report it.
     """
 
-    def __init__(self, hf_ds, transform, image_column, mask_column, seed=0, random=False, split="train"):
-        self.ds, self.transform = hf_ds, transform
-        self.image_column, self.mask_column = image_column, mask_column
+    def __init__(self, hf_ds, image_column, mask_column, size, seed=0, random=False, split="train"):
+        self.ds = _undecoded(hf_ds, image_column)
+        self.image_column, self.mask_column, self.size = image_column, mask_column, size
         self.seed, self.random, self.epoch, self.split = seed, random, 0, split
 
     def __len__(self):
         return len(self.ds)
 
-    def __getitem__(self, index):
-        from torchvision import tv_tensors
-
-        where = f"{self.split} row {int(index)}"
-        row = read_row(self.ds, int(index), where)
-        image = open_rgb(row[self.image_column])
-        mask = mask_array(row[self.mask_column], where)
-        if mask.shape != (image.height, image.width):
+    def __getitem__(self, key):
+        epoch, index = _epoch_and_index(key, self.epoch)
+        where = f"{self.split} row {index}"
+        row = read_row(self.ds, index, where)
+        image = decode_rgb(row[self.image_column], where)
+        mask = torch.from_numpy(mask_array(row[self.mask_column], where))
+        height, width = image.shape[-2:]
+        if mask.shape != (height, width):
             raise UserError(
-                f"mask of {where} is {mask.shape[1]}x{mask.shape[0]} but its image is {image.width}x{image.height}; they must match"
+                f"mask of {where} is {mask.shape[1]}x{mask.shape[0]} but its image is {width}x{height}; they must match"
             )
-        mask = tv_tensors.Mask(torch.from_numpy(mask))
-        if self.random:
-            with sample_rng(self.seed, self.epoch, index):
-                x, y = self.transform(image, mask)
-        else:
-            x, y = self.transform(image, mask)
-        return x, y.as_subclass(torch.Tensor)
+        if not self.random:
+            return eval_view(image, self.size), eval_view(mask, self.size, mask=True)
+        crop = draw_crop(sample_rng(self.seed, epoch, index), height, width)
+        return train_view(image, crop, self.size), train_view(mask, crop, self.size, mask=True)
 
 
-def build_datasets(cfg, splits: Splits, classes: Classes, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """(train, val) torch datasets of the splits, normalized with the model's `mean` / `std`."""
-    d = cfg.data
-    train_tf, eval_tf = build_transforms(d.image_size, d.augment, mean, std)  # v2: the same calls move image and Mask
+def decide_decode(cfg, splits: Splits, cuda: bool) -> tuple[bool, str]:
+    """(decode on the device?, why) for `data.decode`: said once in the start-up lines."""
+    wanted = cfg.data.decode
+    if wanted == "cpu":
+        return False, "decoded by the CPU workers"
+    fallback = f"data.decode={wanted}, but "
     if cfg.task == "segmentation":
-        common = dict(image_column=d.image_column, mask_column=d.mask_column, seed=cfg.seed)
-        train = SegmentationDataset(splits.train, train_tf, random=d.augment, split=d.train_split, **common)
+        return False, fallback + "segmentation decodes on the CPU workers (image and mask are cropped together there)"
+    if not cuda:
+        return False, fallback + "there is no CUDA device: decoded by the CPU workers"
+    first = image_bytes(_undecoded(splits.train, cfg.data.image_column)[0][cfg.data.image_column])
+    if first is None or not is_jpeg(first):
+        return False, fallback + "the first training image is not a JPEG file: decoded by the CPU workers"
+    return True, "JPEG files decoded on the GPU (nvJPEG), the workers only read them and draw the crops"
+
+
+def build_datasets(cfg, splits: Splits, classes: Classes, on_device: bool = False):
+    """(train, val) torch datasets of the splits; `on_device`: the JPEGs are decoded by the device."""
+    d = cfg.data
+    if cfg.task == "segmentation":
+        common = dict(image_column=d.image_column, mask_column=d.mask_column, size=d.image_size, seed=cfg.seed)
+        train = SegmentationDataset(splits.train, random=d.augment, split=d.train_split, **common)
         val_name = "validation (val_fraction)" if splits.val_source == "val_fraction" else splits.val_source
-        val = SegmentationDataset(splits.val, eval_tf, random=False, split=val_name, **common)
+        val = SegmentationDataset(splits.val, random=False, split=val_name, **common)
         return train, val
-    common = dict(image_column=d.image_column, label_column=d.label_column, task=cfg.task, classes=classes)
-    train = ImageDataset(splits.train, train_tf, seed=cfg.seed, random=d.augment, **common)
-    val = ImageDataset(splits.val, eval_tf, seed=cfg.seed, random=False, **common)
-    return train, val
+    common = dict(
+        image_column=d.image_column,
+        label_column=d.label_column,
+        task=cfg.task,
+        classes=classes,
+        size=d.image_size,
+        seed=cfg.seed,
+        on_device=on_device,
+    )
+    return ImageDataset(splits.train, random=d.augment, **common), ImageDataset(splits.val, random=False, **common)

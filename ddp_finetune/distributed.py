@@ -60,7 +60,8 @@ def make_accelerator(mixed_precision: str = "no", log_with=None, project_dir=Non
         cpu=not cuda,
         mixed_precision=mixed_precision,
         # train.batch_size is the global batch: each DataLoader batch is split across ranks.
-        dataloader_config=DataLoaderConfiguration(split_batches=True),
+        # non_blocking: batches from pinned memory are copied without making the host wait for the device
+        dataloader_config=DataLoaderConfiguration(split_batches=True, non_blocking=True),
         log_with=log_with,
         project_config=ProjectConfiguration(project_dir=project_dir) if project_dir else None,
     )
@@ -191,7 +192,7 @@ def all_reduce_sum_with_grad(tensor: torch.Tensor) -> torch.Tensor:
 def layout() -> dict:
     """Node rank, node count and main address as the launcher set them (for the start-up line)."""
     env = os.environ
-    local = int(env.get("LOCAL_WORLD_SIZE", "1")) or 1
+    local = local_world_size()
     return {
         "node_rank": int(env.get("GROUP_RANK", env.get("NODE_RANK", "0"))),
         "num_nodes": max(1, world_size() // local),

@@ -24,10 +24,12 @@ from .datasets import build_datasets
 from .errors import UserError
 from .evaluate import gather_logits, gather_segmentation, segmentation_summary
 from .image_check import check_images
+from .loaders import plan_loaders
 from .losses import build_loss
 from .metrics import classification_confusion, classification_metrics, per_class_metrics
 from .model_folder import LoadedModel, ModelCard, load_model_folder
 from .performance import configure_backends
+from .transforms import device_input
 
 REPORT = "eval.json"
 CONFUSION_PNG = "confusion_matrix.png"
@@ -120,12 +122,15 @@ def evaluate_model(model_path, data=None, split=None, out=None, overrides=()) ->
         out_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     dataset = _dataset(cfg, card, chosen, out_dir)
+    plan = plan_loaders(cfg.data.num_workers, accelerator.device.type == "cuda")  # data.num_workers: auto
     # Accelerate's loader cuts each global batch across the ranks and lets gather_for_metrics drop the padding
     loader = accelerator.prepare_data_loader(
-        DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=cfg.data.num_workers)
+        DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=plan.workers, pin_memory=plan.pin_memory)
     )
     model = accelerator.prepare_model(loaded.model, evaluation_mode=True)  # device + mixed precision, no DDP
-    metrics, per_class, confusion = _score(accelerator, model, loader, card, cfg, chosen.name)
+    # uint8 batches -> the model's input on the device, normalized and cast as in training
+    prepare = device_input(card.mean, card.std, accelerator.device, cfg.train.mixed_precision)
+    metrics, per_class, confusion = _score(accelerator, model, loader, prepare, card, cfg, chosen.name)
     report = {
         "model": str(loaded.folder),
         "model_name": card.model_name,
@@ -153,23 +158,23 @@ def _dataset(cfg, card: ModelCard, chosen: EvalSplit, out_dir: Path):
     # check_images checks a run's two splits: this one as the validation split, beside an empty training split
     splits = Splits(chosen.ds.select([]), chosen.ds, list(card.class_names), chosen.name, classes.label_kind)
     ds = check_images(cfg, splits, out_dir).val
-    _, dataset = build_datasets(cfg, dataclasses.replace(splits, train=ds, val=ds), classes, card.mean, card.std)
+    _, dataset = build_datasets(cfg, dataclasses.replace(splits, train=ds, val=ds), classes)
     return dataset
 
 
-def _score(accelerator, model, loader, card: ModelCard, cfg, split_name: str):
+def _score(accelerator, model, loader, prepare, card: ModelCard, cfg, split_name: str):
     """(metrics, per-class rows, confusion matrix) of the split, the same on every rank."""
     empty = UserError(f"the {split_name} split holds no images; choose another with --split or --data")
     if card.task == "segmentation":
         ignore = cfg.loss.ignore_index
-        totals = gather_segmentation(accelerator, model, loader, card.outputs, ignore, split=split_name)
+        totals = gather_segmentation(accelerator, model, loader, prepare, card.outputs, ignore, split=split_name)
         if totals is None:
             raise empty
         per = per_class_metrics(totals.confusion)
         keys = ("iou", "f1", "precision", "recall", "support")
         rows = _rows(_names(card, totals.confusion.shape[0]), per, keys, rename={"f1": "dice"})
         return segmentation_summary(totals), rows, totals.confusion
-    gathered = gather_logits(accelerator, model, loader)
+    gathered = gather_logits(accelerator, model, loader, prepare)
     if gathered is None:
         raise empty
     logits, targets = gathered

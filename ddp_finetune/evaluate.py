@@ -26,16 +26,19 @@ def evaluate(run) -> dict:
     run.model.eval()
     a, cfg = run.accelerator, run.cfg
     if cfg.task == "segmentation":
-        return evaluate_segmentation(a, run.model, run.val_loader, run.classes.outputs, cfg.loss.ignore_index)
-    return evaluate_classification(a, run.model, run.val_loader, run.eval_loss_fn, cfg.task)
+        return evaluate_segmentation(
+            a, run.model, run.val_loader, run.prepare_input, run.classes.outputs, cfg.loss.ignore_index
+        )
+    return evaluate_classification(a, run.model, run.val_loader, run.prepare_input, run.eval_loss_fn, cfg.task)
 
 
-def gather_logits(accelerator, model, loader) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(logits, targets) of the whole split on every rank, in the split's order, on the CPU; None when empty."""
+def gather_logits(accelerator, model, loader, prepare_input: Callable) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(logits, targets) of the whole split on every rank, in the split's order, on the CPU; None when empty.
+    `prepare_input` turns a loader batch into the model's input (`run.prepare_input`)."""
     all_logits, all_targets = [], []
     with torch.no_grad():
         for x, y in loader:
-            logits, _ = split_outputs(model(x))
+            logits, _ = split_outputs(model(prepare_input(x)))
             logits, y = accelerator.gather_for_metrics((logits.float().contiguous(), y.contiguous()))
             all_logits.append(logits.cpu())
             all_targets.append(y.cpu())
@@ -44,9 +47,9 @@ def gather_logits(accelerator, model, loader) -> tuple[torch.Tensor, torch.Tenso
     return torch.cat(all_logits), torch.cat(all_targets)
 
 
-def evaluate_classification(accelerator, model, loader, loss_fn: Callable, task: str) -> dict:
+def evaluate_classification(accelerator, model, loader, prepare_input: Callable, loss_fn: Callable, task: str) -> dict:
     """`loss_fn` of all gathered logits (not synchronized: every rank holds them all) and the task's metrics."""
-    gathered = gather_logits(accelerator, model, loader)
+    gathered = gather_logits(accelerator, model, loader, prepare_input)
     if gathered is None:
         return {}
     logits, targets = gathered
@@ -66,7 +69,13 @@ class SegmentationTotals:
 
 
 def gather_segmentation(
-    accelerator, model, loader, num_classes: int, ignore_index: int | None, split: str = "validation"
+    accelerator,
+    model,
+    loader,
+    prepare_input: Callable,
+    num_classes: int,
+    ignore_index: int | None,
+    split: str = "validation",
 ) -> SegmentationTotals | None:
     """Each rank turns every sample into a confusion matrix and a cross-entropy (sum, count),
     `gather_for_metrics` gathers those rows (padding duplicates dropped) and their sums are the
@@ -75,7 +84,7 @@ def gather_segmentation(
     count = 0
     with torch.no_grad():
         for x, y in loader:
-            logits, _ = split_outputs(model(x))
+            logits, _ = split_outputs(model(prepare_input(x)))
             conf_b, ce_b, bad_b = accelerator.gather_for_metrics(segmentation_sample_stats(logits, y, ignore_index))
             sums = (conf_b.sum(0), ce_b.sum(0), bad_b.sum())
             confusion, ce, bad = sums if confusion is None else (confusion + sums[0], ce + sums[1], bad + sums[2])
@@ -91,10 +100,12 @@ def gather_segmentation(
     return SegmentationTotals(confusion=confusion.cpu(), ce=ce.cpu(), count=count)
 
 
-def evaluate_segmentation(accelerator, model, loader, num_classes: int, ignore_index: int | None) -> dict:
+def evaluate_segmentation(
+    accelerator, model, loader, prepare_input: Callable, num_classes: int, ignore_index: int | None
+) -> dict:
     """Pixel metrics from confusion matrices, without gathering logits (`gather_segmentation`). `loss`
     is the mean pixel cross-entropy over the split's non-ignored pixels, whatever the training loss."""
-    totals = gather_segmentation(accelerator, model, loader, num_classes, ignore_index)
+    totals = gather_segmentation(accelerator, model, loader, prepare_input, num_classes, ignore_index)
     if totals is None:
         return {}
     return segmentation_summary(totals)

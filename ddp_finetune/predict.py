@@ -38,10 +38,12 @@ from . import distributed as dist_utils
 from .data_checks import IMAGE_SUFFIXES
 from .errors import UserError
 from .images import try_open_rgb
+from .loaders import plan_loaders
 from .model_folder import THRESHOLD, ModelCard, load_model_folder
 from .models import split_outputs
 from .performance import configure_backends
 from .predict_outputs import Options, Writer, csv_rows, mask_png, overlay_jpeg, palette
+from .transforms import device_input, eval_view, whole_view
 
 # --------------------------------------------------------------------------- inputs
 
@@ -136,16 +138,12 @@ def check_unique_outputs(items: list[Item]) -> None:
 
 
 def input_transform(card: ModelCard):
-    """What the model sees: evaluation's crop (classifiers) or the whole image resized (segmenters)."""
-    from torchvision.transforms import v2
+    """PIL image -> uint8 (3, S, S), what the model sees once normalized on the device (`device_input`):
+    evaluation's crop (classifiers) or the whole image resized (segmenters)."""
+    from torchvision.transforms.v2.functional import pil_to_tensor
 
-    from .transforms import build_transforms
-
-    if card.task != "segmentation":
-        return build_transforms(card.image_size, False, card.mean, card.std)[1]
-    size = [card.image_size, card.image_size]
-    to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(card.mean), list(card.std))]
-    return v2.Compose([v2.Resize(size, antialias=True), *to_tensor])
+    view = whole_view if card.task == "segmentation" else eval_view
+    return lambda image: view(pil_to_tensor(image), card.image_size)
 
 
 class PredictImages(Dataset):
@@ -193,14 +191,14 @@ def collate(samples) -> Batch:
 # --------------------------------------------------------------------------- the loop
 
 
-def _results(batch: Batch | None, model, device, card: ModelCard, opts: Options, dataset: PredictImages) -> dict:
+def _results(batch: Batch | None, model, prepare, card: ModelCard, opts: Options, dataset: PredictImages) -> dict:
     """One block's outputs, picklable for the gather: {"rows": [...], "failed": [(index, reason)]}."""
     if batch is None:
         return {"rows": [], "failed": []}
     rows = []
     if batch.x is not None:
         with torch.no_grad():
-            logits = split_outputs(model(batch.x.to(device)))[0].float()
+            logits = split_outputs(model(prepare(batch.x)))[0].float()
         if card.task != "segmentation":
             rows = list(zip(batch.indices, csv_rows(card, opts, logits.cpu())))
         else:
@@ -252,12 +250,17 @@ def predict(model_path, inputs, out, opts: Options | None = None, overrides=()) 
     blocks, mine = shard(len(found.items), per_rank, rank, world)
     dataset = PredictImages(found, input_transform(card))
     loader = DataLoader(
-        Subset(dataset, mine), batch_size=per_rank, num_workers=cfg.data.num_workers, collate_fn=collate
+        Subset(dataset, mine),
+        batch_size=per_rank,
+        num_workers=plan_loaders(cfg.data.num_workers, accelerator.device.type == "cuda").workers,
+        collate_fn=collate,
     )
     model = accelerator.prepare_model(loaded.model, evaluation_mode=True)  # device + mixed precision, no DDP
 
+    prepare = device_input(card.mean, card.std, accelerator.device, cfg.train.mixed_precision)
+
     def infer(batch):
-        return _results(batch, model, accelerator.device, card, opts, dataset)
+        return _results(batch, model, prepare, card, opts, dataset)
 
     writer = Writer(Path(out), card, opts, found.items) if accelerator.is_main_process else None
     try:

@@ -21,18 +21,19 @@ from . import distributed as dist_utils
 from . import performance
 from .config import Config, dump_config
 from .data import Classes, Splits, decide_classes, load_splits
-from .datasets import build_datasets
+from .datasets import build_datasets, decide_decode
 from .errors import UserError
 from .freeze import BackboneFreeze
 from .guards import NonFiniteGuard
 from .image_check import check_images
-from .loaders import EpochSampler, build_loaders
+from .loaders import EpochSampler, LoaderPlan, build_loaders, plan_loaders
 from .losses import build_loss, needs_statistics_pass
 from .models import LoadReport, Parts, build_model, check_model_name
 from .output_dir import check_free_space
 from .param_groups import build_param_groups, describe_groups, make_optimizer
 from .schedules import Schedule, build_schedule
 from .tracking import log_with
+from .transforms import DeviceInput, device_input
 
 
 @dataclass
@@ -50,6 +51,9 @@ class Run:
     val_loader: Any
     sampler: EpochSampler
     train_set: Any  # its `.epoch` seeds augmentation
+    prepare_input: DeviceInput  # uint8 batch (or an EncodedBatch) -> the model's input on the device
+    loader_plan: LoaderPlan  # workers, pinning, prefetch (for the start-up lines)
+    decode_note: str  # where images are decoded, and why (for the start-up lines)
     loss_fn: Callable  # the training loss, synchronized across ranks
     eval_loss_fn: Callable  # the same loss on gathered logits, not synchronized
     splits: Splits
@@ -103,11 +107,20 @@ def build_run(cfg: Config) -> Run:
         set_seed(cfg.seed)  # identical initial weights on every rank
         model, parts, report = build_model(cfg.model, classes.outputs, cfg.task, image_size=cfg.data.image_size)
     check_free_space(cfg, model)
-    train_set, val_set = build_datasets(cfg, splits, classes, parts.mean, parts.std)
-    train_loader, val_loader, sampler = build_loaders(cfg, train_set, val_set)
+    decode_on_device, decode_note = decide_decode(cfg, splits, device_type == "cuda")
+    train_set, val_set = build_datasets(cfg, splits, classes, decode_on_device)
+    loader_plan = plan_loaders(cfg.data.num_workers, device_type == "cuda")
+    train_loader, val_loader, sampler = build_loaders(cfg, train_set, val_set, loader_plan)
 
     # SyncBatchNorm and channels_last before the optimizer exists: its state takes the params' layout
     model = performance.convert_model(model, cfg.model.sync_bn, device_type, accelerator.num_processes)
+    prepare_input = device_input(
+        parts.mean,
+        parts.std,
+        accelerator.device,
+        cfg.train.mixed_precision,
+        performance.channels_last(device_type, model),
+    )
     # frozen for the whole run: requires_grad=False before DDP wraps the model (saves compute);
     # frozen until an epoch: grads are dropped each step instead, so DDP registers every param.
     # After convert_model: the policy lists the (Sync)BatchNorm modules the model will run.
@@ -140,6 +153,9 @@ def build_run(cfg: Config) -> Run:
         val_loader=val_loader,
         sampler=sampler,
         train_set=train_set,
+        prepare_input=prepare_input,
+        loader_plan=loader_plan,
+        decode_note=decode_note,
         loss_fn=loss_fn,
         eval_loss_fn=eval_loss_fn,
         splits=splits,
@@ -172,6 +188,7 @@ def start_lines(run: Run) -> list[str]:
     loaded = run.load_report.describe()
     if loaded:
         lines.append(loaded)
+    lines.append(f"{run.loader_plan.describe()}; images {run.decode_note}, normalized on {a.device.type}")
     lines.append(loss_line(run))
     lines.append(describe_groups(run.groups))
     lines.append(run.schedule.describe())

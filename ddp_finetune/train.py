@@ -131,6 +131,8 @@ def optimizer_step(run: Run, micro_batches: list, epoch: int, window: Window) ->
     (`statistics_pass`). A step whose gradients are not finite is skipped on the device (`run.guard`).
     """
     a, k = run.accelerator, len(micro_batches)
+    # uint8 batches (or JPEG files) -> the model's input, normalized on the device; once per step
+    micro_batches = [(run.prepare_input(x), y) for x, y in micro_batches]
     stats = statistics_pass(run, micro_batches)
     step_loss = torch.zeros((), dtype=torch.float64, device=a.device)
     for i, (x, y) in enumerate(micro_batches):

@@ -13,6 +13,29 @@ from ddp_finetune.shapes import make_mask_folder, shapes_sample
 __all__ = ["make_image_folder", "make_mask_disk", "make_mask_folder", "shapes_sample"]
 
 
+def photo_like(rng, height, width):
+    """Photo-like RGB pixels (height, width, 3) uint8: smooth colour fields plus a little grain, which JPEG
+    compresses as it does photographs (pure noise would make every decoder difference an edge)."""
+    coarse = Image.fromarray(rng.integers(0, 256, (max(2, height // 16), max(2, width // 16), 3), dtype=np.uint8))
+    smooth = np.asarray(coarse.resize((width, height), Image.BICUBIC), dtype=np.float32)
+    return np.clip(smooth + rng.normal(0, 4, smooth.shape), 0, 255).astype(np.uint8)
+
+
+def make_jpeg_folder(root, classes=("a", "b"), per_class=8, height=40, width=48, seed=0, png_every=0):
+    """Write `root/<class>/<i>.jpg` photo-like images (quality 90); with `png_every` N, every Nth one is a PNG
+    instead (a data set with a stray non-JPEG file). Returns the root path."""
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    for name in classes:
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            png = png_every and i % png_every == png_every - 1
+            Image.fromarray(photo_like(rng, height, width)).save(
+                root / name / f"{i}.{'png' if png else 'jpg'}", quality=90
+            )
+    return root
+
+
 def make_image_folder(root, classes=("cat", "dog", "fox"), per_class=8, size=16, seed=0, mode="RGB", splits=None):
     """Write `root/<class>/<i>.png` (or `root/<split>/<class>/<i>.png` for each split in `splits`).
 

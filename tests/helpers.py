@@ -16,11 +16,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def tiny_config(tmp_path, image_folder, **sections) -> Path:
-    """A YAML config that trains resnet18 on 16px images in a few seconds."""
+    """A YAML config that trains resnet18 on 16px images in a few seconds.
+
+    No data workers (the default is `auto`): on 16px images starting them costs more than they
+    save (tests/test_train.py and test_lr_e2e.py took 179 s with auto's 1 worker against 110 s
+    without, on the 2-core machine); the tests of workers ask for them."""
     cfg = {
         "output_dir": str(tmp_path / "run"),
         "seed": 0,
-        "data": {"path": str(image_folder), "image_size": 16, "augment": False, "val_fraction": 0.25},
+        "data": {"path": str(image_folder), "image_size": 16, "augment": False, "val_fraction": 0.25, "num_workers": 0},
         "model": {"name": "resnet18", "freeze_bn": True},
         "train": {"epochs": 2, "batch_size": 6},
         "optim": {"lr": 0.01},
@@ -157,6 +161,27 @@ def fit_in_process(config_path, *overrides) -> dict:
 
     with fresh_accelerate():
         return fit(load_config(config_path, list(overrides)))
+
+
+def model_input(samples):
+    """uint8 samples (as the datasets give them) as the normalized float batch the model sees (ImageNet
+    statistics, on the CPU): what `run.prepare_input` does inside the step."""
+    import torch
+
+    from ddp_finetune.models.parts import IMAGENET_MEAN, IMAGENET_STD
+    from ddp_finetune.transforms import DeviceInput
+
+    return DeviceInput(IMAGENET_MEAN, IMAGENET_STD)(torch.stack(list(samples)))
+
+
+def normalized_by_hand(x, mean, std):
+    """A uint8 batch as torchvision's ToDtype(scale=True) + Normalize(mean, std) would give it: the
+    reference the package's on-device normalization (`transforms.DeviceInput`) is checked against."""
+    import torch
+
+    assert x.dtype == torch.uint8
+    mean, std = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in (mean, std))
+    return (x.float() / 255 - mean) / std
 
 
 def datasets_of(cfg):

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 from datagen import make_image_folder
-from helpers import fit_in_process, fresh_accelerate, launch_2proc, read_summary, tiny_config
+from helpers import fit_in_process, fresh_accelerate, launch_2proc, normalized_by_hand, read_summary, tiny_config
 from PIL import Image
 
 from ddp_finetune.cli import main
@@ -152,6 +152,7 @@ def test_predict_writes_top_k_in_input_order_and_skips_unreadable_images(run, he
     transform = input_transform(loaded.card)
     originals = [*expected[:10], *map(str, saved_files)]
     x = torch.stack([transform(Image.open(p).convert("RGB")) for p in originals])
+    x = normalized_by_hand(x, loaded.card.mean, loaded.card.std)
     with torch.no_grad():
         probs = loaded.model(x).softmax(1)
     top = probs.topk(2, dim=1)

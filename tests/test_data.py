@@ -11,7 +11,7 @@ from PIL import Image
 from ddp_finetune.config import config_from_dict
 from ddp_finetune.data import load_splits
 from ddp_finetune.errors import UserError
-from ddp_finetune.loaders import EpochSampler, build_loaders
+from ddp_finetune.loaders import EpochSampler, build_loaders, plan_loaders
 from ddp_finetune.transforms import sample_seed
 
 
@@ -43,7 +43,7 @@ def test_grayscale_and_rgba_become_rgb_tensors(tmp_path):
         cfg = _cfg(root)
         train, val, classes, _ = datasets_of(cfg)
         x, y = val[0]
-        assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and classes.outputs == 3
+        assert x.shape == (3, 16, 16) and x.dtype == torch.uint8 and classes.outputs == 3
         assert isinstance(y, int)
 
 
@@ -107,7 +107,8 @@ def test_sampler_same_order_everywhere_and_whole_batches():
     s = EpochSampler(length=23, batch_size=4, seed=5)
     s.set_epoch(2)
     order = list(s)
-    assert len(order) == 20 and len(set(order)) == 20
+    assert len(order) == 20 and len({index for _, index in order}) == 20
+    assert {epoch for epoch, _ in order} == {2}, "each key carries its epoch (persistent workers seed from it)"
     t = EpochSampler(length=23, batch_size=4, seed=5)
     t.set_epoch(2)
     assert list(t) == order
@@ -118,13 +119,15 @@ def test_sampler_same_order_everywhere_and_whole_batches():
 def test_loader_batch_is_the_global_micro_batch(image_folder):
     cfg = _cfg(image_folder, "train.batch_size=8", "train.grad_accum=2")
     train, val, _, _ = datasets_of(cfg)
-    train_dl, _, _ = build_loaders(cfg, train, val)
-    sizes = [x.shape[0] for x, _ in train_dl]
-    assert sizes == [4] * (len(train) // 8 * 2)
+    train_dl, _, _ = build_loaders(cfg, train, val, plan_loaders(0, cuda=False))
+    batches = [x for x, _ in train_dl]
+    assert [x.shape[0] for x in batches] == [4] * (len(train) // 8 * 2)
+    # uint8 samples: a quarter of float32's bytes through the workers' shared memory and host-to-device
+    assert all(x.dtype == torch.uint8 and x.nbytes == 4 * 3 * 16 * 16 for x in batches)
 
 
 def test_too_small_for_the_batch(image_folder):
     cfg = _cfg(image_folder, "train.batch_size=64")
     train, val, _, _ = datasets_of(cfg)
     with pytest.raises(UserError, match="fewer than train.batch_size=64"):
-        build_loaders(cfg, train, val)
+        build_loaders(cfg, train, val, plan_loaders(0, cuda=False))

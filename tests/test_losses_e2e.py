@@ -53,7 +53,7 @@ def make_multilabel_disk(root, n=32, size=16, seed=0):
 
 def val_outputs(config_path, run_dir):
     """(logits, targets) of the final weights on the run's validation split, computed here."""
-    from helpers import datasets_of
+    from helpers import datasets_of, model_input
 
     from ddp_finetune.config import load_config
     from ddp_finetune.models import build_model
@@ -65,7 +65,7 @@ def val_outputs(config_path, run_dir):
     model.eval()
     xs, ys = zip(*(val[i] for i in range(len(val))))
     with torch.no_grad():
-        logits = model(torch.stack(xs))
+        logits = model(model_input(xs))
     targets = torch.stack([torch.as_tensor(y, dtype=torch.float32) for y in ys])
     return logits, targets, splits
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from datagen import make_mask_folder
-from helpers import fresh_accelerate
+from helpers import fresh_accelerate, normalized_by_hand
 from model_folders import make_model_folder
 from PIL import Image
 
@@ -48,7 +48,8 @@ def _logits(folder, paths) -> torch.Tensor:
     loaded = load_model_folder(folder)
     transform = input_transform(loaded.card)
     with torch.no_grad():
-        out = loaded.model(torch.stack([transform(Image.open(p).convert("RGB")) for p in paths]))
+        x = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
+        out = loaded.model(normalized_by_hand(x, loaded.card.mean, loaded.card.std))
     return out["out"] if isinstance(out, dict) else out
 
 

@@ -36,8 +36,10 @@ def test_tiny_run_writes_its_files(tmp_path, image_folder):
 
 
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, image_folder):
-    """Stop mid-epoch (step 4 of 6, epoch 2 step 1), resume with auto: same weights, same losses."""
-    extra = dict(data={"augment": True}, train={"epochs": 2, "batch_size": 6})
+    """Stop mid-epoch (step 4 of 6, epoch 2 step 1), resume with auto: same weights, same losses.
+    With persistent data workers, as runs have them by default: the resumed epoch's skipped batches
+    and the next epoch's crops come from the sampler's (epoch, index) keys."""
+    extra = dict(data={"augment": True, "num_workers": 2}, train={"epochs": 2, "batch_size": 6})
     whole = tiny_config(tmp_path / "a", image_folder, **extra)
     fit_in_process(whole)
 
@@ -94,8 +96,10 @@ def test_wandb_offline_writes_history(tmp_path, image_folder, monkeypatch):
 
 
 def test_data_workers_do_not_change_the_training(tmp_path, image_folder):
+    # 2 epochs with augmentation: the persistent workers keep their own copy of the dataset, so
+    # epoch 1's crops must come from the sampler's (epoch, index) keys, not from a dataset attribute
     sections = dict(data={"augment": True}, train={"epochs": 2})
-    fit_in_process(tiny_config(tmp_path / "w0", image_folder, **sections))
+    fit_in_process(tiny_config(tmp_path / "w0", image_folder, **sections), "data.num_workers=0")
     fit_in_process(tiny_config(tmp_path / "w2", image_folder, **sections), "data.num_workers=2")
     assert max_abs_diff(load_weights(tmp_path / "w0" / "run"), load_weights(tmp_path / "w2" / "run")) == 0.0
 
