@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 
 from .errors import UserError
+from .files import atomic_write_text
 
 DEMO_TASKS = ("classification", "segmentation")
 DEFAULT_OUT = {"classification": "runs/demo", "segmentation": "runs/demo_segmentation"}
@@ -138,9 +139,9 @@ def run_classification_demo(out: Path, overrides=()) -> dict:
         f"\nsource task (digits 0-4) validation top-1: {source_summary['val'].get('top1', float('nan')):.3f}\n{text}",
         flush=True,
     )
-    (out / "results.md").write_text(text + "\n")
+    atomic_write_text(out / "results.md", text + "\n")
     summary = {"source": source_summary, **results}
-    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "results.json", json.dumps(summary, indent=2) + "\n")
     draw_curves([target_dir, out / "target_scratch"], out / "curves.png", "digits 5-9: fine-tuned vs from scratch")
     return summary
 
@@ -188,7 +189,7 @@ def run_segmentation_demo(out: Path, overrides=()) -> dict:
         ]
     )
     print(f"\n{table}", flush=True)
-    (out / "results.md").write_text(table + "\n")
-    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "results.md", table + "\n")
+    atomic_write_text(out / "results.json", json.dumps(summary, indent=2) + "\n")
     draw_curves([run_dir], out / "curves.png", f"{cfg.model.name} on the shapes")
     return summary

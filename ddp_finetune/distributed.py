@@ -1,6 +1,16 @@
-"""The only rank-aware module: the Accelerator factory, reductions and main-process printing.
+"""Everything that knows there are several processes: the Accelerator factory, the launcher's
+environment, reductions and gathers, main-process printing, the process group's teardown.
 
-Nothing else in the package reads `RANK`/`WORLD_SIZE` or all-reduces by hand.
+    accelerator = make_accelerator(cfg.train.mixed_precision)
+    total = sum_across_ranks(torch.stack([loss_sum, count]))   # metrics: sums and counts, not means
+    stats = all_reduce_sum_with_grad(stats)                    # losses: sums that carry gradients
+    if any_rank(stop_requested, device): ...                   # agreement, e.g. to stop together
+    print0("only the main process prints this")
+
+The contract: no other module reads the launcher's variables (`RANK`, `WORLD_SIZE`,
+`LOCAL_WORLD_SIZE`, `SLURM_CPUS_PER_TASK`) or calls `torch.distributed`. Other modules ask
+`accelerator.is_main_process` (or `is_main_process()` here) before writing a file, and otherwise
+compute the same thing on every rank.
 """
 
 from __future__ import annotations
@@ -187,6 +197,18 @@ def all_reduce_sum_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     if not is_distributed() or world_size() == 1:
         return tensor
     return _AllReduceSum.apply(tensor)
+
+
+def usable_cpus() -> tuple[int, str]:
+    """(CPUs this process may run on, where that number comes from)."""
+    try:
+        cpus, source = len(os.sched_getaffinity(0)), "this process's CPU affinity"
+    except AttributeError:  # macOS, Windows
+        cpus, source = os.cpu_count() or 1, "os.cpu_count()"
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if slurm.isdigit() and 0 < int(slurm) < cpus:
+        cpus, source = int(slurm), f"SLURM_CPUS_PER_TASK={slurm}"
+    return cpus, source
 
 
 def layout() -> dict:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 from . import distributed as dist_utils
@@ -23,6 +22,7 @@ from .data import Classes, Splits, check_columns, class_names, load_dataset_dict
 from .datasets import build_datasets
 from .errors import UserError
 from .evaluate import gather_logits, gather_segmentation, segmentation_summary
+from .files import atomic_write_text
 from .image_check import check_images
 from .loaders import plan_loaders
 from .losses import build_loss
@@ -215,9 +215,7 @@ def _write(out_dir: Path, report: dict, confusion, card: ModelCard) -> None:
     from .plot import plot_confusion
 
     report["confusion_matrix_png"] = CONFUSION_PNG
-    tmp = out_dir / f".{REPORT}.tmp"
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, out_dir / REPORT)
+    atomic_write_text(out_dir / REPORT, json.dumps(report, indent=2) + "\n")
     names = [row["class"] for row in report["per_class"]]
     title = f"{card.model_name} on {report['data']['path']} ({report['data']['split']})"
     unit = "pixels" if card.task == "segmentation" else "images"

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 from . import distributed as dist_utils
 from .data import Splits
 from .errors import UserError
+from .files import atomic_write_text
 from .images import image_problem, value_name
 
 CHECK_VERSION = 1  # bump when image_problem changes what it refuses: old cache entries no longer match
@@ -116,7 +116,7 @@ def _check_split(name: str, ds, columns) -> tuple[list[BadImage], bool]:
 
 def _scan(name: str, ds, columns, lo: int, hi: int) -> list[BadImage]:
     table = ds.select_columns([c for c, _ in columns]).with_format("arrow")
-    threads = max(1, min(16, _cpus() // dist_utils.local_world_size()))
+    threads = max(1, min(16, dist_utils.usable_cpus()[0] // dist_utils.local_world_size()))
     bad = []
     with ThreadPoolExecutor(threads) as pool:
         for start in range(lo, hi, _CHUNK):
@@ -135,13 +135,6 @@ def _scan(name: str, ds, columns, lo: int, hi: int) -> list[BadImage]:
 
 def _without(ds, rows: set[int]):
     return ds.select([i for i in range(len(ds)) if i not in rows]) if rows else ds
-
-
-def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))  # what SLURM / taskset gave this process
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 # --------------------------------------------------------------------------- cache and list
@@ -165,9 +158,7 @@ def _write_cache(path: Path, bad: list) -> None:
     """Atomically; a cache that cannot be written (read-only shared cache) only costs the next start."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps({"version": CHECK_VERSION, "bad": bad}))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps({"version": CHECK_VERSION, "bad": bad}))
     except OSError:
         pass
 
@@ -179,7 +170,7 @@ def _write_list(output_dir, bad: list[BadImage]) -> Path:
     if dist_utils.is_main_process():
         if bad:
             lines = "".join(f"{b.split}\t{b.row}\t{b.name}\t{b.reason}\n" for b in bad)
-            path.write_text("split\trow\tfile\treason\n" + lines)
+            atomic_write_text(path, "split\trow\tfile\treason\n" + lines)
         else:
             path.unlink(missing_ok=True)
     return path

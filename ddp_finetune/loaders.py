@@ -9,7 +9,6 @@ depth once, and says why in the start-up lines.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -53,18 +52,6 @@ class EpochSampler(Sampler):
         return iter([(epoch, index) for index in self.order()])
 
 
-def usable_cpus() -> tuple[int, str]:
-    """(CPUs this process may run on, where that number comes from)."""
-    try:
-        cpus, source = len(os.sched_getaffinity(0)), "this process's CPU affinity"
-    except AttributeError:  # macOS, Windows
-        cpus, source = os.cpu_count() or 1, "os.cpu_count()"
-    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
-    if slurm.isdigit() and 0 < int(slurm) < cpus:
-        cpus, source = int(slurm), f"SLURM_CPUS_PER_TASK={slurm}"
-    return cpus, source
-
-
 @dataclass(frozen=True)
 class LoaderPlan:
     """How each rank loads data: worker processes, pinned memory, batches each worker prepares ahead."""
@@ -87,7 +74,7 @@ class LoaderPlan:
 def plan_loaders(num_workers, cuda: bool) -> LoaderPlan:
     """Workers per rank for `data.num_workers` (a number, or `auto`), and the settings that go with them."""
     if num_workers == "auto":
-        cpus, source = usable_cpus()
+        cpus, source = dist_utils.usable_cpus()
         local = dist_utils.local_world_size()
         # the training process keeps what it computes with: on a GPU one CPU (it runs the loop and
         # launches the GPU's work); on a CPU run its torch threads (an OpenMP thread that shares a

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .files import atomic_path
 from .models import build_model
 from .param_groups import build_param_groups, lr_log, make_optimizer
 from .schedules import build_schedule
@@ -96,7 +97,8 @@ def plot_lrs(
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best", ncol=2 if len(series) > 8 else 1)
-    fig.savefig(out, dpi=100)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=100)
     return out
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
+from .files import atomic_path
 from .tracking import METRICS_FILE, read_metrics
 
 _NOT_CURVES = {"step", "epoch", "split", "count", "skipped_step", "nonfinite_steps"}
@@ -121,7 +122,8 @@ def plot_runs(runs, out_path, title: str | None = None) -> Path:
     fig.suptitle(title or "training curves: " + ", ".join(c.name for c in all_curves), fontsize=11)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=90)
     return out
 
 
@@ -204,5 +206,6 @@ def plot_confusion(confusion, names, out_path, title: str = "", multilabel: bool
     ax.set_title(f"{title}\n{total} {unit}", fontsize=9)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=90)
     return out

@@ -23,6 +23,7 @@ from .config import Config, dump_config
 from .data import Classes, Splits, decide_classes, load_splits
 from .datasets import build_datasets, decide_decode
 from .errors import UserError
+from .files import atomic_write_text
 from .freeze import BackboneFreeze
 from .guards import NonFiniteGuard
 from .image_check import check_images
@@ -79,10 +80,8 @@ def check_batch_sizes(cfg: Config, processes: int) -> None:
         )
 
 
-def build_run(cfg: Config) -> Run:
-    """Build everything in the order data -> model -> optimizer -> schedule -> prepare."""
-    from accelerate.utils import set_seed
-
+def start_accelerator(cfg: Config):
+    """The Accelerator, after every check that needs no data; the run's config.yaml written."""
     accelerator = dist_utils.make_accelerator(
         cfg.train.mixed_precision, log_with=log_with(cfg), project_dir=cfg.output_dir
     )
@@ -95,32 +94,52 @@ def build_run(cfg: Config) -> Run:
     if accelerator.is_main_process:
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_config(cfg))
+        atomic_write_text(out / "config.yaml", dump_config(cfg))
     accelerator.wait_for_everyone()
+    return accelerator
 
-    # the first rank of each node fills the node's caches (datasets, $TORCH_HOME), the others read
+
+@dataclass
+class Data:
+    """The run's data, from the splits to the loaders (`build_data`)."""
+
+    splits: Splits
+    classes: Classes
+    train_set: Any
+    val_set: Any
+    decode_note: str
+
+
+def build_data(cfg: Config, accelerator) -> Data:
+    """Splits (every image checked once), classes, and the torch datasets."""
+    # the first rank of each node fills the node's caches (datasets), the others read
     with accelerator.local_main_process_first():
         splits = load_splits(cfg.data, cfg.seed, cfg.task)
     splits = check_images(cfg, splits, cfg.output_dir)  # unreadable images: listed, or dropped with skip
     classes = decide_classes(cfg, splits)
-    with accelerator.local_main_process_first():
-        set_seed(cfg.seed)  # identical initial weights on every rank
-        model, parts, report = build_model(cfg.model, classes.outputs, cfg.task, image_size=cfg.data.image_size)
-    check_free_space(cfg, model)
-    decode_on_device, decode_note = decide_decode(cfg, splits, device_type == "cuda")
+    decode_on_device, decode_note = decide_decode(cfg, splits, accelerator.device.type == "cuda")
     train_set, val_set = build_datasets(cfg, splits, classes, decode_on_device)
+    return Data(splits, classes, train_set, val_set, decode_note)
+
+
+def build_run(cfg: Config) -> Run:
+    """Build everything in the order data -> model -> optimizer -> schedule -> prepare."""
+    from accelerate.utils import set_seed
+
+    accelerator = start_accelerator(cfg)
+    device_type = accelerator.device.type
+    data = build_data(cfg, accelerator)
+    with accelerator.local_main_process_first():  # the first rank of each node fills $TORCH_HOME
+        set_seed(cfg.seed)  # identical initial weights on every rank
+        model, parts, report = build_model(cfg.model, data.classes.outputs, cfg.task, image_size=cfg.data.image_size)
+    check_free_space(cfg, model)
     loader_plan = plan_loaders(cfg.data.num_workers, device_type == "cuda")
-    train_loader, val_loader, sampler = build_loaders(cfg, train_set, val_set, loader_plan)
+    train_loader, val_loader, sampler = build_loaders(cfg, data.train_set, data.val_set, loader_plan)
 
     # SyncBatchNorm and channels_last before the optimizer exists: its state takes the params' layout
     model = performance.convert_model(model, cfg.model.sync_bn, device_type, accelerator.num_processes)
-    prepare_input = device_input(
-        parts.mean,
-        parts.std,
-        accelerator.device,
-        cfg.train.mixed_precision,
-        performance.channels_last(device_type, model),
-    )
+    channels_last = performance.channels_last(device_type, model)
+    prepare_input = device_input(parts.mean, parts.std, accelerator.device, cfg.train.mixed_precision, channels_last)
     # frozen for the whole run: requires_grad=False before DDP wraps the model (saves compute);
     # frozen until an epoch: grads are dropped each step instead, so DDP registers every param.
     # After convert_model: the policy lists the (Sync)BatchNorm modules the model will run.
@@ -131,11 +150,12 @@ def build_run(cfg: Config) -> Run:
     # (Accelerate tells which steps it skipped, so the schedule does not advance on them)
     on_device = cfg.train.mixed_precision != "fp16"
     optimizer = make_optimizer(groups, cfg.optim, fused=on_device)
-    steps_per_epoch = len(train_set) // cfg.train.batch_size
+    steps_per_epoch = len(data.train_set) // cfg.train.batch_size
     schedule = build_schedule(cfg.schedule, optimizer, steps_per_epoch, cfg.train.epochs)
+    outputs = data.classes.outputs
     # the training loss counts bad labels on the device; the loop reads them on check steps
-    loss_fn = build_loss(cfg.loss, cfg.task, classes.outputs, defer_target_check=True)
-    eval_loss_fn = build_loss(dataclasses.replace(cfg.loss, sync=False), cfg.task, classes.outputs)
+    loss_fn = build_loss(cfg.loss, cfg.task, outputs, defer_target_check=True)
+    eval_loss_fn = build_loss(dataclasses.replace(cfg.loss, sync=False), cfg.task, outputs)
 
     model, prepared_opt, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     if cfg.train.compile:
@@ -152,14 +172,14 @@ def build_run(cfg: Config) -> Run:
         train_loader=train_loader,
         val_loader=val_loader,
         sampler=sampler,
-        train_set=train_set,
+        train_set=data.train_set,
         prepare_input=prepare_input,
         loader_plan=loader_plan,
-        decode_note=decode_note,
+        decode_note=data.decode_note,
         loss_fn=loss_fn,
         eval_loss_fn=eval_loss_fn,
-        splits=splits,
-        classes=classes,
+        splits=data.splits,
+        classes=data.classes,
         parts=parts,
         freeze=freeze,
         load_report=report,

@@ -12,6 +12,8 @@ import os
 import uuid
 from pathlib import Path
 
+from .files import atomic_write_text
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -38,7 +40,7 @@ def wandb_run_id(output_dir) -> str:
     if path.is_file():
         return path.read_text().strip()
     run_id = uuid.uuid4().hex[:12]
-    path.write_text(run_id + "\n")
+    atomic_write_text(path, run_id + "\n")
     return run_id
 
 
@@ -88,10 +90,10 @@ class MetricsLog:
         self._resumed: set[tuple] = set()  # (split, step) records of the resumed step, replaced if logged again
         if accelerator.is_main_process:
             if resume_step is None:
-                self.path.write_text("")
+                atomic_write_text(self.path, "")
             elif self.path.exists():
                 kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-                self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+                atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
                 self._resumed = {_key(r) for r in kept if r.get("step") == resume_step}
 
     def log(self, record: dict) -> None:
@@ -101,7 +103,7 @@ class MetricsLog:
         if _key(clean) in self._resumed:
             self._resumed.discard(_key(clean))
             others = [r for r in read_metrics(self.path) if _key(r) != _key(clean)]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in others))
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in others))
         with self.path.open("a") as f:
             f.write(json.dumps(clean) + "\n")
         split = record.get("split", "train")

@@ -26,6 +26,7 @@ from . import distributed as dist_utils
 from .config import Config, dump_config
 from .errors import UserError
 from .evaluate import evaluate
+from .files import atomic_write_text
 from .guards import all_finite
 from .losses import check_targets, needs_statistics_pass
 from .model_folder import model_files
@@ -209,7 +210,7 @@ def checkpoint_or_stop(run: Run, progress: Progress, watcher: StopWatcher) -> No
     save(run, progress)
     if a.is_main_process:
         record = {"step": progress.step, "epoch": progress.epoch}
-        (Path(cfg.output_dir) / PREEMPTED_FILE).write_text(json.dumps(record) + "\n")
+        atomic_write_text(Path(cfg.output_dir) / PREEMPTED_FILE, json.dumps(record) + "\n")
         watcher.clear()  # honoured: the resumed run must not stop at once
     # no rank exits before preempted.json exists: under `srun --kill-on-bad-exit` the
     # first rank to exit ends the others, and the SLURM templates requeue only on that file
@@ -328,30 +329,21 @@ def _fit(cfg: Config) -> dict:
     resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, cfg.output_dir)
     _refuse_mixing_runs(cfg, resume_from)
     run = build_run(cfg)
-    a = run.accelerator
     progress = Progress()
     if resume_from is not None:
         # a checkpoint taken on an epoch's last step resumes into that epoch with nothing left to
         # train: it still runs the epoch's evaluation and epoch-end schedule step
-        progress = Progress(**ckpt.load_checkpoint(a, resume_from, dump_config(cfg)))
+        progress = Progress(**ckpt.load_checkpoint(run.accelerator, resume_from, dump_config(cfg)))
     for line in start_lines(run):
         dist_utils.print0(line)
     if resume_from is not None:
         where = f"at step {progress.step} (epoch {progress.epoch}, step {progress.step_in_epoch} in it)"
         dist_utils.print0(f"resumed from {resume_from} {where}")
-    init_trackers(a, cfg)
-    log = MetricsLog(a, cfg.output_dir, resume_step=progress.step if resume_from is not None else None)
+    init_trackers(run.accelerator, cfg)
+    log = MetricsLog(run.accelerator, cfg.output_dir, resume_step=progress.step if resume_from is not None else None)
     watcher = StopWatcher(cfg.output_dir)
     watcher.install()
-    total_steps = run.steps_per_epoch * cfg.train.epochs
-    if cfg.train.max_steps:
-        total_steps = min(total_steps, cfg.train.max_steps)
-    bar = None
-    if cfg.log.progress_bar and a.is_main_process:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total_steps, initial=progress.step, desc="train", dynamic_ncols=True)
-
+    bar = _progress_bar(run, progress)
     steps_before = progress.step
     try:
         train_time = _epochs(run, progress, log, watcher, bar)
@@ -359,14 +351,48 @@ def _fit(cfg: Config) -> dict:
         watcher.uninstall()
         if bar is not None:
             bar.close()
+    weights = _save_final(run, progress)
+    images = (progress.step - steps_before) * cfg.train.batch_size
+    summary = _summary(run, progress, weights, resume_from)
+    summary["wall_time_s"] = time.perf_counter() - t0
+    summary["images_per_second"] = images / train_time if train_time > 0 else None
+    if run.accelerator.is_main_process:
+        atomic_write_text(Path(cfg.output_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
+        (Path(cfg.output_dir) / PREEMPTED_FILE).unlink(missing_ok=True)
+        watcher.clear()
+        vals = ", ".join(f"{k} {v:.4f}" for k, v in progress.val.items() if isinstance(v, float))
+        print(f"done: {progress.step} steps, validation {vals}; weights {weights}", flush=True)
+    run.accelerator.end_training()
+    return summary
+
+
+def _progress_bar(run: Run, progress: Progress):
+    """tqdm on the main process when `log.progress_bar`, else None."""
+    cfg = run.cfg
+    if not (cfg.log.progress_bar and run.accelerator.is_main_process):
+        return None
+    from tqdm.auto import tqdm
+
+    total_steps = run.steps_per_epoch * cfg.train.epochs
+    if cfg.train.max_steps:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    return tqdm(total=total_steps, initial=progress.step, desc="train", dynamic_ncols=True)
+
+
+def _save_final(run: Run, progress: Progress) -> Path:
+    """final/: the weights and the model card; never NaN or inf weights."""
     if not all_finite(run.model):
         raise UserError(
             f"the final weights hold NaN or inf (step {progress.step}); final/ was not written: lower optim.lr, "
             "set train.max_grad_norm, or check the data and the loss"
         )
-    weights = ckpt.save_final_weights(a, run.model, cfg.output_dir, model_files(cfg, run.classes, run.parts))
-    images = (progress.step - steps_before) * cfg.train.batch_size
-    summary = {
+    files = model_files(run.cfg, run.classes, run.parts)
+    return ckpt.save_final_weights(run.accelerator, run.model, run.cfg.output_dir, files)
+
+
+def _summary(run: Run, progress: Progress, weights: Path, resume_from: Path | None) -> dict:
+    a, cfg = run.accelerator, run.cfg
+    return {
         "world_size": a.num_processes,
         "global_batch_size": cfg.train.batch_size,
         "per_device_batch_size": cfg.train.batch_size // (a.num_processes * cfg.train.grad_accum),
@@ -374,17 +400,9 @@ def _fit(cfg: Config) -> dict:
         "steps": progress.step,
         "epochs": progress.epoch,
         "val": progress.val,
-        "wall_time_s": time.perf_counter() - t0,
-        "images_per_second": images / train_time if train_time > 0 else None,
+        "wall_time_s": None,  # filled in by _fit
+        "images_per_second": None,
         "final_weights": str(weights),
         "resumed_from": str(resume_from) if resume_from else None,
         "mixed_precision": cfg.train.mixed_precision,
     }
-    if a.is_main_process:
-        Path(cfg.output_dir, "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        (Path(cfg.output_dir) / PREEMPTED_FILE).unlink(missing_ok=True)
-        watcher.clear()
-        vals = ", ".join(f"{k} {v:.4f}" for k, v in progress.val.items() if isinstance(v, float))
-        print(f"done: {progress.step} steps, validation {vals}; weights {weights}", flush=True)
-    a.end_training()
-    return summary

@@ -61,3 +61,27 @@ def test_every_way_out_of_the_cli_destroys_the_process_group(
         else:
             assert main(argv) == expected[way_out]
     assert not dist.is_initialized(), f"{way_out}: the process group outlived the CLI"
+
+
+def test_only_distributed_py_reads_the_launcher_or_calls_torch_distributed():
+    """The rank contract of distributed.py, checked on the source: a new module that reads RANK or
+    all-reduces by hand would bypass the one place where the package's multi-process rules live."""
+    import re
+    from pathlib import Path
+
+    import ddp_finetune
+
+    forbidden = re.compile(
+        r"import torch\.distributed|from torch\.distributed|from torch import distributed"
+        r"|environ(?:\.get\(|\[)\s*[\"'](?:RANK|WORLD_SIZE|LOCAL_RANK|LOCAL_WORLD_SIZE|SLURM_CPUS_PER_TASK)[\"']"
+    )
+    package = Path(ddp_finetune.__file__).parent
+    offenders = [
+        f"{path.relative_to(package)}:{n}: {line.strip()}"
+        for path in sorted(package.rglob("*.py"))
+        if path.name != "distributed.py"
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if forbidden.search(line)
+    ]
+    assert offenders == []
+    assert forbidden.search('rank = int(os.environ.get("RANK", "0"))')  # the pattern does catch a reader

@@ -1,0 +1,48 @@
+"""Atomic file writes: a reader (or a resumed run) sees the old file or the new one, never half of one.
+
+    atomic_write_text(out / "summary.json", text)
+    with atomic_path(out / "curves.png") as tmp:   # for writers that want a path (matplotlib)
+        fig.savefig(tmp)
+
+The content goes to a hidden temporary file in the same folder, is flushed to disk, and
+`os.replace` puts it in place: a kill at any moment leaves the previous file whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def _temporary(path: Path) -> Path:
+    # same folder (os.replace is atomic within a file system), same suffix (writers pick the format by it)
+    return path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+
+
+def atomic_write_text(path, text: str) -> Path:
+    """Write `text` to `path` atomically; returns the path."""
+    path = Path(path)
+    tmp = _temporary(path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path) -> Iterator[Path]:
+    """A temporary path to write to; moved onto `path` when the block ends without an error."""
+    path = Path(path)
+    tmp = _temporary(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
