@@ -211,15 +211,23 @@ def _rows(names, per: dict, keys, rename: dict | None = None) -> list[dict]:
 
 
 def _write(out_dir: Path, report: dict, confusion, card: ModelCard) -> None:
-    """eval.json (atomically) and the confusion-matrix picture."""
+    """The confusion-matrix picture (when matplotlib is installed: the report stands without it), then
+    eval.json (atomically), which names the picture if there is one."""
+    import importlib.util
+
     from .plot import plot_confusion
 
-    report["confusion_matrix_png"] = CONFUSION_PNG
+    if importlib.util.find_spec("matplotlib") is None:
+        report["confusion_matrix_png"] = None
+        print("evaluate: no confusion-matrix picture: install matplotlib with pip install 'ddp-finetune[plot]'")
+    else:
+        names = [row["class"] for row in report["per_class"]]
+        title = f"{card.model_name} on {report['data']['path']} ({report['data']['split']})"
+        unit = "pixels" if card.task == "segmentation" else "images"
+        multilabel = card.task == "multilabel"
+        plot_confusion(confusion, names, out_dir / CONFUSION_PNG, title, multilabel=multilabel, unit=unit)
+        report["confusion_matrix_png"] = CONFUSION_PNG
     atomic_write_text(out_dir / REPORT, json.dumps(report, indent=2) + "\n")
-    names = [row["class"] for row in report["per_class"]]
-    title = f"{card.model_name} on {report['data']['path']} ({report['data']['split']})"
-    unit = "pixels" if card.task == "segmentation" else "images"
-    plot_confusion(confusion, names, out_dir / CONFUSION_PNG, title, multilabel=card.task == "multilabel", unit=unit)
 
 
 def _cell(value) -> str:
@@ -246,5 +254,6 @@ def table_lines(report: dict, out_dir: Path) -> list[str]:
             lines.append(f"  {str(r['class']):<{width}}  " + "  ".join(f"{_cell(r[k]):>9}" for k in keys))
         if len(rows) > SHOWN_CLASSES:
             lines.append(f"  ... {len(rows) - SHOWN_CLASSES} more classes in {REPORT}")
-    lines.append(f"wrote {out_dir / REPORT} and {out_dir / CONFUSION_PNG}")
+    picture = f" and {out_dir / report['confusion_matrix_png']}" if report.get("confusion_matrix_png") else ""
+    lines.append(f"wrote {out_dir / REPORT}{picture}")
     return lines

@@ -97,6 +97,18 @@ def test_evaluate_scores_the_validation_split_as_training_did(run, capsys):
     assert "split val_fraction: 6 images, 1 processes" in out and "  fox " in out
 
 
+def test_evaluate_without_matplotlib_writes_the_report_and_says_why_no_picture(run, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    assert cli("evaluate", run, "--out", tmp_path / "eval") == 0
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert report["confusion_matrix_png"] is None and report["metrics"]["count"] == read_summary(run)["val"]["count"]
+    assert not (tmp_path / "eval" / "confusion_matrix.png").exists()
+    assert "no confusion-matrix picture: install matplotlib" in capsys.readouterr().out
+
+
 def test_evaluate_on_one_and_two_processes_gives_the_same_report(run, held_out, tmp_path):
     args = ["evaluate", run, "--data", held_out, "train.eval_batch_size=4"]
     assert cli(*args, "--out", tmp_path / "one") == 0
