@@ -15,7 +15,7 @@ import torch
 import torchvision
 from torch import nn
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from .parts import LoadReport, under
 
 LOCAL_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
@@ -24,12 +24,6 @@ LOCAL_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 def is_local(weights: str) -> bool:
     """Whether `model.weights` names a file rather than a weights name."""
     return weights.lower().endswith(LOCAL_SUFFIXES) or os.sep in weights or weights.startswith(".")
-
-
-def first_line(exc: BaseException) -> str:
-    """An exception as one line, for an error message that wraps it."""
-    text = str(exc)
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # --------------------------------------------------------------------------- torchvision weights
