@@ -1,4 +1,4 @@
-"""`ddp-finetune demo`: real transfer learning, offline, in about a minute on 2 CPU cores.
+"""`ddp-finetune demo`: the transfer-learning workflow, offline, in about a minute on 2 CPU cores.
 
 1. Write an image folder from the 1,797 handwritten digits scikit-learn ships in its wheel
    (real 8x8 scans, upsampled to 32x32 grayscale PNGs).
