@@ -22,6 +22,7 @@ import sys
 import torch
 import torch.distributed as dist
 from host_syncs import host_syncs
+from losses_2proc import exit_without_finalizing
 from torch import nn
 
 from ddp_finetune import losses as L
@@ -166,3 +167,6 @@ def main(out_path: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    # the gloo shutdown race of losses_2proc.py: destroying the group did not prevent it here either
+    # (rank 1 aborted with "terminate called without an active exception" in 1 of 4 CI runs)
+    exit_without_finalizing()
