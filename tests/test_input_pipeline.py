@@ -7,13 +7,15 @@ GPU): `pytest -m gpu` on a GPU machine runs the cuda cases (benchmarks/device_ch
 
 from __future__ import annotations
 
+import math
 import os
 import random
+import sys
 
 import pytest
 import torch
 from datagen import make_jpeg_folder
-from helpers import fit_in_process, load_weights, max_abs_diff, read_metrics, tiny_config
+from helpers import ROOT, fit_in_process, load_weights, max_abs_diff, read_metrics, tiny_config
 
 from ddp_finetune.config import config_from_dict
 from ddp_finetune.data import decide_classes, load_splits
@@ -222,3 +224,24 @@ def test_start_up_lines_say_how_data_is_loaded_and_decoded(tmp_path, jpeg_folder
         assert out.count("data.decode=gpu, but there is no CUDA device: decoded by the CPU workers") == 1
     else:
         assert out.count("JPEG files decoded on the GPU (nvJPEG)") == 1
+
+
+# --------------------------------------------------------------------------- the GPU benchmark's seam, on CPU
+
+
+def test_gpu_benchmark_synthetic_run_still_fits_the_package(tmp_path, image_folder, monkeypatch):
+    """benchmarks/gpu.py swaps `run.build_datasets` for in-memory uint8 data to time the package against
+    the raw loop; it only runs on a lent GPU, so this runs its package side on the CPU: a refactor that
+    moves the seam or changes what a dataset must yield fails here, not on the GPU machine."""
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_benchmark", ROOT / "benchmarks" / "gpu.py")
+    gpu = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_benchmark", gpu)  # its dataclasses look their module up
+    spec.loader.exec_module(gpu)
+    args = argparse.Namespace(warmup=0, steps=2 * gpu.WINDOW, model="resnet18", size=16, batch=4)
+    result = gpu.package_run(args, tmp_path, "synthetic", image_folder, ["data.num_workers=0"], synthetic=True)
+    assert math.isfinite(result["images_per_second"]) and result["images_per_second"] > 0
+    # the in-memory dataset was the one trained on: batch x (steps + 1) samples, not the image folder's 24
+    assert f"data: {4 * (2 * gpu.WINDOW + 1)} train images" in (tmp_path / "synthetic.log").read_text()
