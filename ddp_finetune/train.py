@@ -353,9 +353,8 @@ def _fit(cfg: Config) -> dict:
             bar.close()
     weights = _save_final(run, progress)
     images = (progress.step - steps_before) * cfg.train.batch_size
-    summary = _summary(run, progress, weights, resume_from)
-    summary["wall_time_s"] = time.perf_counter() - t0
-    summary["images_per_second"] = images / train_time if train_time > 0 else None
+    speed = images / train_time if train_time > 0 else None
+    summary = _summary(run, progress, weights, resume_from, time.perf_counter() - t0, speed)
     if run.accelerator.is_main_process:
         atomic_write_text(Path(cfg.output_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
         (Path(cfg.output_dir) / PREEMPTED_FILE).unlink(missing_ok=True)
@@ -390,7 +389,9 @@ def _save_final(run: Run, progress: Progress) -> Path:
     return ckpt.save_final_weights(run.accelerator, run.model, run.cfg.output_dir, files)
 
 
-def _summary(run: Run, progress: Progress, weights: Path, resume_from: Path | None) -> dict:
+def _summary(
+    run: Run, progress: Progress, weights: Path, resume_from: Path | None, wall_time: float, speed: float | None
+) -> dict:
     a, cfg = run.accelerator, run.cfg
     return {
         "world_size": a.num_processes,
@@ -400,8 +401,8 @@ def _summary(run: Run, progress: Progress, weights: Path, resume_from: Path | No
         "steps": progress.step,
         "epochs": progress.epoch,
         "val": progress.val,
-        "wall_time_s": None,  # filled in by _fit
-        "images_per_second": None,
+        "wall_time_s": wall_time,
+        "images_per_second": speed,
         "final_weights": str(weights),
         "resumed_from": str(resume_from) if resume_from else None,
         "mixed_precision": cfg.train.mixed_precision,
