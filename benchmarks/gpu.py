@@ -132,7 +132,6 @@ def package_run(args, tmp: Path, name: str, data: Path, overrides: list[str], sy
     """`fit` in this process; images/s = median of its logged windows after the first two."""
     from helpers import fresh_accelerate
 
-    from ddp_finetune import run as run_module
     from ddp_finetune.config import config_from_dict
     from ddp_finetune.train import fit
 
@@ -146,21 +145,20 @@ def package_run(args, tmp: Path, name: str, data: Path, overrides: list[str], sy
         "log": {"progress_bar": False, "every_n_steps": WINDOW},
     }
     cfg = config_from_dict(values, overrides)
-    build = run_module.build_datasets
-    if synthetic:  # the same run, its datasets swapped for in-memory ones
-        length = args.batch * (steps + 1)
-
-        def build(cfg, splits, classes, on_device=False):
-            return SyntheticImages(length, args.size, classes.outputs), SyntheticImages(args.batch, args.size, 2)
-
+    given = {}
+    if synthetic:  # the same run on in-memory datasets, through fit's own seam for datasets
+        length, classes = args.batch * (steps + 1), 10
+        given = dict(
+            train_data=SyntheticImages(length, args.size, classes),
+            val_data=SyntheticImages(args.batch, args.size, classes),
+            class_names=[f"c{i}" for i in range(classes)],
+        )
     log = tmp / f"{name}.log"
     with contextlib.ExitStack() as stack:
         stack.enter_context(fresh_accelerate())
         out = stack.enter_context(open(log, "w"))
         stack.enter_context(contextlib.redirect_stdout(out))
-        original, run_module.build_datasets = run_module.build_datasets, build
-        stack.callback(setattr, run_module, "build_datasets", original)
-        fit(cfg)
+        fit(cfg, **given)
     records = [json.loads(line) for line in (tmp / name / "metrics.jsonl").read_text().splitlines()]
     # each logged window covers the WINDOW steps before its record; the warm-up's are left out
     windows = [r["images_per_second"] for r in records if r["split"] == "train" and r["step"] - WINDOW >= args.warmup]

@@ -87,8 +87,8 @@ class DataConfig:
     bad_images: Literal["error", "skip"] = "error"
     """Images that do not decode (found by a check of every image before training, cached per dataset): `error` stops with their list, `skip` trains without them."""
 
-    def validate(self) -> None:
-        if self.path is None:
+    def validate(self, data_given: bool = False) -> None:
+        if self.path is None and not data_given:
             raise UserError(
                 "data.path is not set; give the image folder, saved dataset or Hub name, e.g. data.path=./my_images"
             )
@@ -326,13 +326,17 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
-    def validate(self) -> None:
+    def validate(self, data_given: bool = False) -> None:
+        """Every check of the values (types included); `data_given`: the data come from Python
+        (`fit(train_data=...)`), so `data.path` may be unset."""
         check_types(self, "")
         if self.seed < 0:
             raise UserError(f"seed={self.seed} is negative; use a seed >= 0")
         for f in dataclasses.fields(self):
             sub = getattr(self, f.name)
-            if dataclasses.is_dataclass(sub):
+            if isinstance(sub, DataConfig):
+                sub.validate(data_given)
+            elif dataclasses.is_dataclass(sub):
                 sub.validate()
         if self.model.unfreeze_at_epoch is not None:
             if not self.model.freeze_backbone:
@@ -374,14 +378,16 @@ def _range(key, value, low, high, low_open=False, high_open=False) -> None:
         raise UserError(f"{key}={value!r} is outside {interval}")
 
 
-def config_from_dict(values: dict, overrides: list[str] | tuple = ()) -> Config:
+def config_from_dict(values: dict, overrides: list[str] | tuple = (), data_given: bool = False) -> Config:
+    """`data_given`: `data.path` may be unset (the data come from elsewhere: `fit(train_data=...)`,
+    or a model folder's config, whose run may have been given its data from Python)."""
     tree = copy.deepcopy(values)
     for text in overrides:
         key, value = parse_override(text)
         validate_key_path(Config, key)
         set_dotted(tree, key, value)
     cfg = build_section(Config, tree)
-    cfg.validate()
+    cfg.validate(data_given)
     return cfg
 
 

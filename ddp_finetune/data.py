@@ -158,6 +158,10 @@ def load_dataset_dict(data_cfg, task: str = "classification"):
     """Every split of the data as a `datasets.DatasetDict` (a single split is named `data.train_split`)."""
     import datasets
 
+    if data_cfg.path is None:  # a model folder of a run whose data were given to fit from Python
+        raise UserError(
+            "data.path is not set: this run's data were given to fit() from Python; name them with --data DIR"
+        )
     raw = (
         _load_segmentation_folder(data_cfg)
         if task == "segmentation" and data_cfg.source == "imagefolder"
@@ -168,10 +172,15 @@ def load_dataset_dict(data_cfg, task: str = "classification"):
     return raw
 
 
-def check_columns(ds, data_cfg, task: str, split_names=()) -> None:
-    """The image column and the label (mask) column are in split `ds`; an image folder without labels says why."""
+_FROM_CONFIG = object()
+
+
+def check_columns(ds, data_cfg, task: str, split_names=(), folder=_FROM_CONFIG) -> None:
+    """The image column and the label (mask) column are in split `ds`; an image folder without labels
+    says why (`folder`: the image folder the split came from; by default the config's, if it names one)."""
     segmentation = task == "segmentation"
-    folder = Path(data_cfg.path) if data_cfg.source == "imagefolder" and not segmentation else None
+    if folder is _FROM_CONFIG:
+        folder = Path(data_cfg.path) if data_cfg.source == "imagefolder" and not segmentation else None
     if folder is not None and data_cfg.label_column == "label" and "label" not in ds.column_names:
         explain_missing_labels(folder, {*split_names, *_VAL_NAMES})
     target = (
@@ -184,19 +193,22 @@ def check_columns(ds, data_cfg, task: str, split_names=()) -> None:
             )
 
 
-def load_splits(data_cfg, seed: int, task: str = "classification") -> Splits:
+def load_splits(data_cfg, seed: int, task: str = "classification", raw=None) -> Splits:
+    """The train / val splits of the data the config names, or of `raw` (a `datasets.DatasetDict`
+    a Python caller handed to `fit`: its splits named as `data.train_split` / `data.val_split`)."""
     import datasets
 
     segmentation = task == "segmentation"
-    raw = load_dataset_dict(data_cfg, task)
+    given = raw is not None
+    raw = load_dataset_dict(data_cfg, task) if raw is None else raw
     if data_cfg.train_split not in raw:
         raise UserError(
             f"data.train_split={data_cfg.train_split!r} is not in the dataset (splits: {', '.join(raw)}); set data.train_split"
         )
     train = raw[data_cfg.train_split]
-    folder = Path(data_cfg.path) if data_cfg.source == "imagefolder" and not segmentation else None
+    folder = Path(data_cfg.path) if data_cfg.source == "imagefolder" and not segmentation and not given else None
     split_names = {data_cfg.train_split, *_VAL_NAMES, *raw}
-    check_columns(train, data_cfg, task, split_names)
+    check_columns(train, data_cfg, task, split_names, folder)
 
     if data_cfg.val_split is not None:
         if data_cfg.val_split not in raw:

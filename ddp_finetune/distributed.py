@@ -15,6 +15,7 @@ compute the same thing on every rank.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -116,6 +117,24 @@ def destroy_process_group() -> None:
     """
     if is_distributed():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def session():
+    """Around one run in a Python process (`fit`): on every way out, the process group the run
+    created is destroyed (one that existed before is the caller's, and stays) and Accelerate's
+    process-wide singletons are reset, so the next run builds its Accelerator afresh (another
+    mixed precision, another world) and nothing is left to interpreter shutdown."""
+    had_group = is_distributed()
+    try:
+        yield
+    finally:
+        if not had_group:
+            destroy_process_group()
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
 
 
 def is_main_process() -> bool:

@@ -146,8 +146,9 @@ def _read_config(folder: Path, overrides) -> tuple[Config, Config]:
     if not path.is_file():
         raise UserError(f"model folder {str(folder)!r} has no {CONFIG_FILE}; copy the whole folder")
     values = yaml.safe_load(path.read_text()) or {}
-    saved = config_from_dict(values)
-    cfg = config_from_dict(values, list(overrides))
+    # data.path may be null: a run given its data from Python (fit(train_data=...)); evaluate asks for --data
+    saved = config_from_dict(values, data_given=True)
+    cfg = config_from_dict(values, list(overrides), data_given=True)
     if cfg.model != saved.model or cfg.task != saved.task:
         raise UserError(
             "model.* and task describe the saved model and cannot be overridden here; "

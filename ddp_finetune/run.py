@@ -29,12 +29,67 @@ from .guards import NonFiniteGuard
 from .image_check import check_images
 from .loaders import EpochSampler, LoaderPlan, build_loaders, plan_loaders
 from .losses import build_loss, needs_statistics_pass
-from .models import LoadReport, Parts, build_model, check_model_name
+from .models import LoadReport, Parts, build_model, check_model_name, generic_parts
 from .output_dir import check_free_space
 from .param_groups import build_param_groups, describe_groups, make_optimizer
 from .schedules import Schedule, build_schedule
 from .tracking import log_with
 from .transforms import DeviceInput, device_input
+
+
+@dataclass
+class Inputs:
+    """What a Python caller hands `fit` in place of what the config names; None: the config's.
+
+    - `train_data` / `val_data`: `datasets.Dataset`s with the columns `data.*` names (image, label
+      or mask): they go through everything a folder goes through (image check, classes, seeded
+      augmentation, sampling). Without `val_data`, `data.val_fraction` of `train_data` is held out.
+      Or torch `Dataset`s of (uint8 image (3, S, S), target) pairs, used as they are (no image
+      check, no augmentation of ours; `class_names` required), e.g. in-memory data for a benchmark.
+    - `model` + `head`: your own `nn.Module` (its output: the logits for the classes) and the
+      parameter-name prefixes of its head (`["fc"]`); the backbone is its other top-level children
+      (for `head_lr`, freezing, layer decay). `final/` holds its weights; rebuild it yourself.
+    - `loss`: a callable (logits, targets) -> scalar, or an `nn.Module`, used as the training and
+      evaluation loss. Not synchronized across ranks by us: reduce its sums with
+      `distributed.all_reduce_sum_with_grad` to keep the N-process = 1-process promise.
+    """
+
+    train_data: Any = None
+    val_data: Any = None
+    class_names: tuple[str, ...] | None = None
+    model: nn.Module | None = None
+    head: tuple[str, ...] = ()
+    loss: Callable | None = None
+
+    def __post_init__(self):
+        if self.class_names is not None:
+            self.class_names = tuple(str(n) for n in self.class_names)
+        self.head = tuple(self.head or ())
+        if self.val_data is not None and self.train_data is None:
+            raise UserError("fit(val_data=...) without train_data; give train_data too, or neither")
+        if self.model is not None and not self.head:
+            raise UserError("fit(model=...) needs head=[...]: the parameter-name prefixes of its head, e.g. ['fc']")
+        if self.model is not None:
+            names = [n for n, _ in self.model.named_parameters()]
+            for prefix in self.head:
+                if not any(n == prefix or n.startswith(prefix + ".") for n in names):
+                    raise UserError(f"fit(head={list(self.head)!r}): no parameter of the model is under {prefix!r}")
+        if self.torch_data and self.class_names is None:
+            raise UserError("fit(train_data=<a torch Dataset>) needs class_names=[...] (one name per model output)")
+
+    @property
+    def hf_data(self) -> bool:
+        return self.train_data is not None and _is_hf_dataset(self.train_data)
+
+    @property
+    def torch_data(self) -> bool:
+        return self.train_data is not None and not _is_hf_dataset(self.train_data)
+
+
+def _is_hf_dataset(obj) -> bool:
+    import datasets
+
+    return isinstance(obj, datasets.Dataset)
 
 
 @dataclass
@@ -64,6 +119,7 @@ class Run:
     load_report: LoadReport  # what build_model loaded (weights, missing / unexpected keys)
     guard: NonFiniteGuard  # skips non-finite steps on the device, checked every check_every_n_steps
     steps_per_epoch: int
+    inputs: Inputs = dataclasses.field(default_factory=Inputs)  # what the Python caller gave fit instead
 
 
 def check_batch_sizes(cfg: Config, processes: int) -> None:
@@ -80,7 +136,7 @@ def check_batch_sizes(cfg: Config, processes: int) -> None:
         )
 
 
-def start_accelerator(cfg: Config):
+def start_accelerator(cfg: Config, custom_model: bool = False):
     """The Accelerator, after every check that needs no data; the run's config.yaml written."""
     accelerator = dist_utils.make_accelerator(
         cfg.train.mixed_precision, log_with=log_with(cfg), project_dir=cfg.output_dir
@@ -90,7 +146,8 @@ def start_accelerator(cfg: Config):
     performance.configure_backends(device_type == "cuda", cfg.train.deterministic)
     if cfg.train.compile:
         performance.check_compile(device_type)  # before any data is loaded
-    check_model_name(cfg.model.name, cfg.task)  # before loading any data
+    if not custom_model:
+        check_model_name(cfg.model.name, cfg.task)  # before loading any data
     if accelerator.is_main_process:
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -110,11 +167,22 @@ class Data:
     decode_note: str
 
 
-def build_data(cfg: Config, accelerator) -> Data:
-    """Splits (every image checked once), classes, and the torch datasets."""
+def build_data(cfg: Config, accelerator, inputs: Inputs | None = None) -> Data:
+    """Splits (every image checked once), classes, and the torch datasets; or the caller's (`Inputs`)."""
+    inputs = inputs or Inputs()
+    if inputs.torch_data:
+        return _given_torch_data(cfg, inputs)
+    raw = None
+    if inputs.hf_data:
+        import datasets
+
+        raw = {cfg.data.train_split: inputs.train_data}
+        if inputs.val_data is not None:
+            raw[cfg.data.val_split or "validation"] = inputs.val_data
+        raw = datasets.DatasetDict(raw)
     # the first rank of each node fills the node's caches (datasets), the others read
     with accelerator.local_main_process_first():
-        splits = load_splits(cfg.data, cfg.seed, cfg.task)
+        splits = load_splits(cfg.data, cfg.seed, cfg.task, raw=raw)
     splits = check_images(cfg, splits, cfg.output_dir)  # unreadable images: listed, or dropped with skip
     classes = decide_classes(cfg, splits)
     decode_on_device, decode_note = decide_decode(cfg, splits, accelerator.device.type == "cuda")
@@ -122,16 +190,35 @@ def build_data(cfg: Config, accelerator) -> Data:
     return Data(splits, classes, train_set, val_set, decode_note)
 
 
-def build_run(cfg: Config) -> Run:
+def _given_torch_data(cfg: Config, inputs: Inputs) -> Data:
+    """torch datasets of (uint8 image, target) from the caller, as they are."""
+    names = inputs.class_names
+    outputs = 1 if cfg.task == "binary" else len(names)
+    if cfg.task != "binary" and outputs < 2:
+        raise UserError(f"fit(class_names={list(names)!r}): a classifier needs at least 2 classes")
+    kind = "mask" if cfg.task == "segmentation" else "index"
+    classes = Classes(names=names, outputs=outputs, label_kind=kind, source="class_names given to fit")
+    val = inputs.val_data if inputs.val_data is not None else []
+    splits = Splits(train=inputs.train_data, val=val, class_names=list(names), val_source="given to fit")
+    return Data(splits, classes, inputs.train_data, val, "by the datasets given to fit")
+
+
+def build_run(cfg: Config, inputs: Inputs | None = None) -> Run:
     """Build everything in the order data -> model -> optimizer -> schedule -> prepare."""
     from accelerate.utils import set_seed
 
-    accelerator = start_accelerator(cfg)
+    inputs = inputs or Inputs()
+    accelerator = start_accelerator(cfg, custom_model=inputs.model is not None)
     device_type = accelerator.device.type
-    data = build_data(cfg, accelerator)
+    data = build_data(cfg, accelerator, inputs)
     with accelerator.local_main_process_first():  # the first rank of each node fills $TORCH_HOME
         set_seed(cfg.seed)  # identical initial weights on every rank
-        model, parts, report = build_model(cfg.model, data.classes.outputs, cfg.task, image_size=cfg.data.image_size)
+        if inputs.model is None:
+            model, parts, report = build_model(
+                cfg.model, data.classes.outputs, cfg.task, image_size=cfg.data.image_size
+            )
+        else:
+            model, parts, report = inputs.model, generic_parts(inputs.model, inputs.head), LoadReport()
     check_free_space(cfg, model)
     loader_plan = plan_loaders(cfg.data.num_workers, device_type == "cuda")
     train_loader, val_loader, sampler = build_loaders(cfg, data.train_set, data.val_set, loader_plan)
@@ -154,8 +241,11 @@ def build_run(cfg: Config) -> Run:
     schedule = build_schedule(cfg.schedule, optimizer, steps_per_epoch, cfg.train.epochs)
     outputs = data.classes.outputs
     # the training loss counts bad labels on the device; the loop reads them on check steps
-    loss_fn = build_loss(cfg.loss, cfg.task, outputs, defer_target_check=True)
-    eval_loss_fn = build_loss(dataclasses.replace(cfg.loss, sync=False), cfg.task, outputs)
+    if inputs.loss is not None:
+        loss_fn = eval_loss_fn = inputs.loss
+    else:
+        loss_fn = build_loss(cfg.loss, cfg.task, outputs, defer_target_check=True)
+        eval_loss_fn = build_loss(dataclasses.replace(cfg.loss, sync=False), cfg.task, outputs)
 
     model, prepared_opt, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     if cfg.train.compile:
@@ -185,6 +275,7 @@ def build_run(cfg: Config) -> Run:
         load_report=report,
         guard=NonFiniteGuard(accelerator.device, cfg.train.max_nonfinite_steps, on_device=on_device),
         steps_per_epoch=steps_per_epoch,
+        inputs=inputs,
     )
 
 

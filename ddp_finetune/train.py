@@ -34,7 +34,7 @@ from .models import split_outputs
 from .output_dir import claim_output_dir
 from .param_groups import lr_log
 from .preemption import EXIT_PREEMPTED, PREEMPTED_FILE, StopWatcher
-from .run import Run, build_run, start_lines
+from .run import Inputs, Run, build_run, start_lines
 from .tracking import MetricsLog, init_trackers
 
 
@@ -318,17 +318,40 @@ def _epochs(run: Run, progress: Progress, log: MetricsLog, watcher: StopWatcher,
     return train_time
 
 
-def fit(cfg: Config) -> dict:
-    """Train (or resume) per the config; returns the summary also written to summary.json."""
-    with claim_output_dir(cfg.output_dir):  # checked, locked for the run's life, leftovers removed
-        return _fit(cfg)
+def fit(
+    cfg: Config,
+    *,
+    train_data=None,
+    val_data=None,
+    class_names=None,
+    model: torch.nn.Module | None = None,
+    head=(),
+    loss=None,
+) -> dict:
+    """Train (or resume) per the config; returns the summary also written to summary.json.
+
+    What the CLI's `ddp-finetune train` calls, and what a notebook or a script calls (one process,
+    or each rank under `accelerate launch`). The config is validated as one read from YAML is.
+    The keyword arguments replace what the config names with your own objects (`run.Inputs`):
+    `train_data` / `val_data` (Hugging Face `datasets.Dataset`s, or torch datasets of (uint8
+    image, target) with `class_names`), `model` with its `head` prefixes, `loss`.
+
+    Everything `fit` starts ends with it, on every way out (done, error, `Preempted`): the process
+    group it created is destroyed and Accelerate's process-wide state reset, so a second `fit` in
+    the same Python process starts clean.
+    """
+    inputs = Inputs(train_data, val_data, class_names, model, head, loss)
+    cfg.validate(data_given=inputs.train_data is not None)
+    with dist_utils.session():
+        with claim_output_dir(cfg.output_dir):  # checked, locked for the run's life, leftovers removed
+            return _fit(cfg, inputs)
 
 
-def _fit(cfg: Config) -> dict:
+def _fit(cfg: Config, inputs: Inputs) -> dict:
     t0 = time.perf_counter()
     resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, cfg.output_dir)
     _refuse_mixing_runs(cfg, resume_from)
-    run = build_run(cfg)
+    run = build_run(cfg, inputs)
     progress = Progress()
     if resume_from is not None:
         # a checkpoint taken on an epoch's last step resumes into that epoch with nothing left to
@@ -385,7 +408,10 @@ def _save_final(run: Run, progress: Progress) -> Path:
             f"the final weights hold NaN or inf (step {progress.step}); final/ was not written: lower optim.lr, "
             "set train.max_grad_norm, or check the data and the loss"
         )
-    files = model_files(run.cfg, run.classes, run.parts)
+    if run.inputs.model is not None:  # a model fit was given: no model.json, nothing could rebuild it
+        files = {"config.yaml": dump_config(run.cfg)}
+    else:
+        files = model_files(run.cfg, run.classes, run.parts)
     return ckpt.save_final_weights(run.accelerator, run.model, run.cfg.output_dir, files)
 
 

@@ -230,7 +230,7 @@ def test_start_up_lines_say_how_data_is_loaded_and_decoded(tmp_path, jpeg_folder
 
 
 def test_gpu_benchmark_synthetic_run_still_fits_the_package(tmp_path, image_folder, monkeypatch):
-    """benchmarks/gpu.py swaps `run.build_datasets` for in-memory uint8 data to time the package against
+    """benchmarks/gpu.py gives `fit` in-memory uint8 datasets (`fit(train_data=...)`) to time the package against
     the raw loop; it only runs on a lent GPU, so this runs its package side on the CPU: a refactor that
     moves the seam or changes what a dataset must yield fails here, not on the GPU machine."""
     import argparse
