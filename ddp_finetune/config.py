@@ -32,6 +32,8 @@ from .config_parsing import (
 )
 from .config_parsing import reference_rows as _reference_rows
 from .errors import UserError
+from .losses.kinds import Accumulation as LossAccumulation
+from .losses.kinds import Mode as LossMode
 
 __all__ = [
     "SHIPPED_PREFIX",
@@ -229,13 +231,6 @@ class ScheduleConfig:
         if self.warmup_steps < 0 or self.warmup_epochs < 0:
             raise UserError("schedule.warmup_steps and schedule.warmup_epochs must be >= 0")
         _positive("schedule.every", self.every)
-
-
-LossMode = Literal["binary", "multilabel", "multiclass"]
-"""How a built-in loss reads the logits: a sigmoid (binary: one channel; multilabel: per channel) or a softmax over channels."""
-
-LossAccumulation = Literal["exact", "micro_batch"]
-"""How a region loss (dice, dice_bce, iou, tversky) combines the micro-batches of one optimizer step."""
 
 
 @dataclass

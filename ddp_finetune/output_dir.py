@@ -2,7 +2,7 @@
 
     with claim_output_dir(cfg.output_dir):      # train.fit, around the whole run
         ...
-    check_free_space(cfg, model)                 # run.build_run, once the model's size is known
+    check_free_space(cfg, model, kept)           # run.build_run, once the model's size is known
 
 `claim_output_dir` (main process only; the other ranks pass through) refuses an output_dir that
 is a file, cannot be created or is not writable; takes the run's lock; and removes what an
@@ -189,12 +189,12 @@ def needed_bytes(cfg, model, existing_checkpoints: int) -> tuple[int, int]:
     return more * checkpoint + 2 * weights, checkpoint
 
 
-def check_free_space(cfg, model) -> None:
+def check_free_space(cfg, model, checkpoints_kept: int = 0) -> None:
     """Refuse to start when output_dir's filesystem cannot hold the run's checkpoints (every rank
-    raises the same error: the main process measures)."""
-    from .checkpoint import list_checkpoints
-
-    existing = min(len(list_checkpoints(cfg.output_dir)), cfg.checkpoint.keep_last)
+    raises the same error: the main process measures). `checkpoints_kept`: how many the folder
+    holds already (checkpoint.list_checkpoints; counted by the caller, so this module, which
+    checkpoint.py uses, does not import it back)."""
+    existing = min(checkpoints_kept, cfg.checkpoint.keep_last)
     need, checkpoint = needed_bytes(cfg, model, existing)
     free = dist_utils.broadcast_object(shutil.disk_usage(cfg.output_dir).free if dist_utils.is_main_process() else None)
     if free < need:

@@ -19,6 +19,7 @@ from torch import nn
 
 from . import distributed as dist_utils
 from . import performance
+from .checkpoint import list_checkpoints
 from .config import Config, dump_config
 from .data import Classes, Splits, decide_classes, load_splits
 from .datasets import build_datasets, decide_decode
@@ -219,7 +220,7 @@ def build_run(cfg: Config, inputs: Inputs | None = None) -> Run:
             )
         else:
             model, parts, report = inputs.model, generic_parts(inputs.model, inputs.head), LoadReport()
-    check_free_space(cfg, model)
+    check_free_space(cfg, model, len(list_checkpoints(cfg.output_dir)))
     loader_plan = plan_loaders(cfg.data.num_workers, device_type == "cuda")
     train_loader, val_loader, sampler = build_loaders(cfg, data.train_set, data.val_set, loader_plan)
 

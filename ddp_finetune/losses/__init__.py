@@ -52,23 +52,53 @@ Conventions shared by every loss here:
   and raises in `check_targets()`: no host sync per call.
 """
 
-from .batch import MODES, Mode
-from .build import build_loss, check_loss_config, check_targets, needs_statistics_pass
-from .cross_entropy import cross_entropy_loss
-from .focal import focal_loss
-from .module import LOSS_MODULES, Loss
-from .region import dice_bce_loss, dice_loss, iou_loss, tversky_loss
-from .table import LOSS_NAMES, LOSSES, TASK_MODES, LossSpec
+import importlib
 
-LOSS_FUNCTIONS = {name: spec.function for name, spec in LOSSES.items()}
-"""Each built-in loss by its `loss.name`, as a function (a view of `LOSSES`)."""
+_NAMES = {
+    "MODES": "batch",
+    "Mode": "batch",
+    "build_loss": "build",
+    "check_loss_config": "build",
+    "check_targets": "build",
+    "needs_statistics_pass": "build",
+    "cross_entropy_loss": "cross_entropy",
+    "focal_loss": "focal",
+    "LOSS_MODULES": "module",
+    "Loss": "module",
+    "dice_bce_loss": "region",
+    "dice_loss": "region",
+    "iou_loss": "region",
+    "tversky_loss": "region",
+    "LOSS_NAMES": "table",
+    "LOSSES": "table",
+    "TASK_MODES": "table",
+    "LossSpec": "table",
+}
+_MODULE_CLASSES = {
+    "CrossEntropyLoss": "cross_entropy",
+    "DiceLoss": "dice",
+    "DiceBCELoss": "dice_bce",
+    "IoULoss": "iou",
+    "FocalLoss": "focal",
+    "TverskyLoss": "tversky",
+}
 
-CrossEntropyLoss = LOSS_MODULES["cross_entropy"]
-DiceLoss = LOSS_MODULES["dice"]
-DiceBCELoss = LOSS_MODULES["dice_bce"]
-IoULoss = LOSS_MODULES["iou"]
-FocalLoss = LOSS_MODULES["focal"]
-TverskyLoss = LOSS_MODULES["tversky"]
+
+def __getattr__(name: str):
+    """Each public name imported on first use: `ddp_finetune.losses.kinds` (the config's types) stays
+    free of torch, and the config can import it without importing every loss."""
+    if name in _NAMES:
+        value = getattr(importlib.import_module(f"{__name__}.{_NAMES[name]}"), name)
+    elif name in _MODULE_CLASSES:
+        value = __getattr__("LOSS_MODULES")[_MODULE_CLASSES[name]]
+    elif name == "LOSS_FUNCTIONS":
+        # each built-in loss by its `loss.name`, as a function (a view of `LOSSES`)
+        value = {n: spec.function for n, spec in __getattr__("LOSSES").items()}
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "LOSSES",

@@ -10,9 +10,9 @@ from functools import partial
 
 from torch import Tensor, nn
 
-from ..config import LossAccumulation
 from ..errors import UserError
 from .batch import check_weight_count
+from .kinds import Accumulation as LossAccumulation
 from .module import LOSS_MODULES, Loss
 from .options import check_options, show_value
 from .table import LOSS_NAMES, LOSSES, TASK_MODES, LossSpec

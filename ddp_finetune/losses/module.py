@@ -28,10 +28,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..config import LossAccumulation
 from ..distributed import sum_across_ranks, world_size
 from ..errors import UserError
 from .batch import Batch, Mode, bad_targets_here, bad_targets_since, check_weight_count, no_autocast, prepare
+from .kinds import Accumulation as LossAccumulation
 from .options import check_options, weight_list
 from .statistics import compute, local_statistics, surrogate
 from .table import LOSSES, LossSpec
