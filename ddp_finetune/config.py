@@ -400,3 +400,32 @@ def dump_config(cfg: Config) -> str:
 def reference_rows() -> list[tuple[str, str, str]]:
     """(key, default, doc) for every config key, in order: the README's reference table."""
     return _reference_rows(Config)
+
+
+REFERENCE_BEGIN = "<!-- config reference: generated from config.py by `python -m ddp_finetune.config README.md` -->"
+REFERENCE_END = "<!-- end of the config reference -->"
+
+
+def reference_table() -> str:
+    """The README's config reference, made from the fields' defaults and docstrings (the only copy of
+    their meaning): one row per key, between REFERENCE_BEGIN and REFERENCE_END."""
+    lines = [REFERENCE_BEGIN, "", "| key | default | meaning |", "|---|---|---|"]
+    lines += [f"| `{key}` | `{default}` | {doc} |" for key, default, doc in reference_rows()]
+    return "\n".join([*lines, "", REFERENCE_END])
+
+
+def write_reference(readme: str | Path) -> bool:
+    """Put `reference_table()` in place of the README's generated block; True if it changed."""
+    path = Path(readme)
+    text = path.read_text()
+    start, end = text.index(REFERENCE_BEGIN), text.index(REFERENCE_END) + len(REFERENCE_END)
+    new = text[:start] + reference_table() + text[end:]
+    if new != text:
+        path.write_text(new)
+    return new != text
+
+
+if __name__ == "__main__":  # python -m ddp_finetune.config README.md: regenerate the reference after a field changes
+    import sys
+
+    print("updated" if write_reference(sys.argv[1] if len(sys.argv) > 1 else "README.md") else "up to date")
