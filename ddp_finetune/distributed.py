@@ -53,7 +53,7 @@ def make_accelerator(mixed_precision: str = "no", log_with=None, project_dir=Non
     """Build the Accelerator so that a launcher's N processes really are N ranks.
 
     Without CUDA, `Accelerator()` silently gives every process `num_processes == 1` under
-    `accelerate launch --multi_gpu` (PITFALLS item 1): we pass `cpu=True`, which selects gloo,
+    `accelerate launch --multi_gpu` (docs/pitfalls.md, 1): we pass `cpu=True`, which selects gloo,
     and then compare with the launcher's `WORLD_SIZE`. Gradient accumulation is the loop's own
     (`train.optimizer_step` sees a whole optimizer step's micro-batches at once), so the
     Accelerator is built without it.
@@ -90,7 +90,7 @@ def check_world_size(num_processes: int) -> None:
         and not mpi
     ):
         # accelerate's simple launcher sets MASTER_PORT only when asked for several processes,
-        # yet starts one: N-process CPU runs there mean mpirun (PITFALLS item 2)
+        # yet starts one: N-process CPU runs there mean mpirun (docs/pitfalls.md, 2)
         raise UserError(
             "`accelerate launch --cpu --num_processes N` starts ONE process, not N; for N gloo ranks on CPU use "
             "`accelerate launch --multi_gpu --num_processes N` (or --config_file launch/cpu_2proc.yaml)"
@@ -195,7 +195,7 @@ class _AllReduceSum(torch.autograd.Function):
     Every rank computes the same loss from the summed statistics, so the gradient reaching each
     rank's local statistic is the sum of the ranks' identical upstream gradients: N times the
     single-process one. DDP then averages parameter gradients (1/N), which makes the parameter
-    gradient exactly the single-process gradient of the global batch (PITFALLS item 4).
+    gradient exactly the single-process gradient of the global batch (docs/pitfalls.md, 4).
     """
 
     @staticmethod

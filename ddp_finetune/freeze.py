@@ -11,7 +11,7 @@
 
 Why the optimizer groups exist from step 0: gradual unfreezing that adds a group later breaks
 torch schedulers (the new group is not scheduled), DDP (parameters it did not register) and
-resume (the saved optimizer has fewer groups) — PITFALLS, "Gradual unfreezing". Here a frozen
+resume (the saved optimizer has fewer groups) — docs/pitfalls.md, "Gradual unfreezing". Here a frozen
 backbone keeps its group (param_groups.py); freezing happens on the gradients instead:
 
 - `freeze_backbone` without `unfreeze_at_epoch` (frozen for the whole run): `before_wrap` sets

@@ -10,7 +10,7 @@
 Two ways to ask a run to stop, because a signal rarely reaches every rank by itself:
 
 - A signal to this process: SIGUSR1, SIGUSR2, SIGTERM or SIGINT (Ctrl-C). The handler only sets
-  a flag (doing work inside a handler is fragile, see PITFALLS); the loop checkpoints at the next
+  a flag (doing work inside a handler is fragile, docs/pitfalls.md, "Work inside a signal handler"); the loop checkpoints at the next
   step boundary. A second SIGINT raises KeyboardInterrupt at once, like Ctrl-C twice.
 - The stop file `<output_dir>/.stop`. Measured with torch 2.14 / accelerate 1.15: torchrun
   (`accelerate launch --multi_gpu`) forwards SIGTERM and SIGINT to its workers but then kills

@@ -9,7 +9,7 @@
 
 A "step" is one optimizer step: never a micro-batch of gradient accumulation, never multiplied
 by the number of processes (a scheduler passed to `accelerator.prepare` is stepped once per
-process: PITFALLS; do not prepare this one, register it with `register_for_checkpointing`).
+process: docs/pitfalls.md, "A prepared scheduler steps N times"; do not prepare this one, register it with `register_for_checkpointing`).
 The loop calls `step()` only when the optimizer really stepped, not when fp16 loss scaling
 skipped the step. `steps_per_epoch` is optimizer steps per epoch.
 

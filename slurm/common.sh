@@ -102,7 +102,7 @@ launch_line() {
     # `accelerate launch` of the same python that checked the config
     LAUNCH=("$PYTHON" -m accelerate.commands.launch)
     [[ -n ${ACCELERATE_CONFIG:-} ]] && LAUNCH+=(--config_file "$ACCELERATE_CONFIG")
-    # --multi_gpu also for CPU: it is what makes accelerate start N gloo ranks (PITFALLS 2)
+    # --multi_gpu also for CPU: it is what makes accelerate start N gloo ranks (docs/pitfalls.md, 2)
     LAUNCH+=(--multi_gpu --num_processes "$((NUM_NODES * PROCS_PER_NODE))"
         --num_machines "$NUM_NODES" --machine_rank "$1"
         --main_process_ip "$MAIN_ADDR" --main_process_port "$MAIN_PORT"

@@ -76,7 +76,7 @@ def free_port() -> int:
 
 def accelerate_launch_cmd(num_processes: int = 2) -> list[str]:
     """`accelerate launch --multi_gpu --num_processes N` of this interpreter's accelerate, on a free
-    port; N gloo ranks on CPU (PITFALLS 2). Append `-m ddp_finetune ...` or a script."""
+    port; N gloo ranks on CPU (docs/pitfalls.md, 2). Append `-m ddp_finetune ...` or a script."""
     return [
         sys.executable,
         "-m",

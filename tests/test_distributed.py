@@ -18,7 +18,7 @@ def test_launcher_world_size_must_match_the_accelerator(monkeypatch):
 
 
 def test_accelerate_cpu_flag_with_several_processes_is_refused(monkeypatch):
-    """`accelerate launch --cpu --num_processes 2` starts one process (PITFALLS item 2)."""
+    """`accelerate launch --cpu --num_processes 2` starts one process (docs/pitfalls.md, 2)."""
     for key in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("ACCELERATE_USE_CPU", "True")

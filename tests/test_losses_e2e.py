@@ -85,7 +85,7 @@ def first_train_loss(run_dir) -> float:
 def dice_config(tmp_path_factory):
     base = tmp_path_factory.mktemp("dice")
     data = make_multilabel_disk(base / "multilabel")
-    # freeze_bn + no augmentation: the same training at 1 and 2 processes (PITFALLS 3)
+    # freeze_bn + no augmentation: the same training at 1 and 2 processes (docs/pitfalls.md, 3)
     return tiny_config(
         base,
         data,

@@ -5,7 +5,7 @@
 
 Why a package of our own: Dice-type losses are ratios of sums over the batch. Computed per rank
 and averaged by DDP they are the mean of per-rank Dice values, not the Dice of the global batch
-(PITFALLS, "Dice computed per rank"). Here every sum-type statistic (intersections,
+(docs/pitfalls.md, "Dice computed per rank"). Here every sum-type statistic (intersections,
 cardinalities, element counts, loss sums) is summed over ranks *with autograd*
 (`distributed.all_reduce_sum_with_grad`) before the ratio is taken, so at world size N the loss
 value equals the world-size-1 value on the same global batch, and after DDP's 1/N averaging so
