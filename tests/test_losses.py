@@ -13,6 +13,7 @@ import inspect
 import json
 from pathlib import Path
 
+import helpers_newloss
 import pytest
 import torch
 import torch.nn.functional as F
@@ -593,33 +594,45 @@ NOT_DEFAULT = {
 
 
 def test_table_options_are_config_fields_and_kernel_fields():
-    """A loss's options are its function's keyword-only parameters, named like LossConfig fields;
+    """A loss's options are its class's keyword-only parameters, named like LossConfig fields;
     its kernel takes the ones that are not common to every loss."""
     fields = {f.name for f in dataclasses.fields(LossConfig)}
     assert set(NOT_DEFAULT) == fields - {"name"}
-    for name, spec in L.LOSSES.items():
-        assert set(spec.options) <= fields, name
-        assert set(spec.kernel_options) == set(spec.options) - {"ignore_index", "class_weights", "sync"}, name
-        assert set(L.LOSS_FUNCTIONS) == set(L.LOSS_MODULES) == set(L.LOSSES) and L.LOSS_FUNCTIONS[name] is spec.function
-    assert {n for n, spec in L.LOSSES.items() if spec.region} == {"dice", "dice_bce", "iou", "tversky"}
+    assert set(L.LOSS_FUNCTIONS) == set(L.LOSSES)
+    for name, cls in L.LOSSES.items():
+        assert cls.name == name and issubclass(cls, L.Loss)
+        assert set(cls.option_names()) <= fields, name
+        kernel_fields = {f.name for f in dataclasses.fields(cls.kernel_type)}
+        assert kernel_fields == set(cls.option_names()) - {"ignore_index", "class_weights", "sync"}, name
+    assert {n for n, cls in L.LOSSES.items() if cls.is_region()} == {"dice", "dice_bce", "iou", "tversky"}
 
 
 @pytest.mark.parametrize("name", list(FUNCTIONS))
-def test_module_signature_is_the_function_signature(name):
+def test_the_function_is_the_class_called_once(name):
+    """Plain classes, findable by `grep "class DiceLoss"`; the function takes the class's options
+    (the same names, defaults and order) and gives the same value."""
+    cls = MODULES[name]
+    source = inspect.getsource(inspect.getmodule(cls))
+    assert f"class {cls.__name__}(Loss):" in source and getattr(L, cls.__name__) is cls
     fn = inspect.signature(FUNCTIONS[name])
-    module = inspect.signature(MODULES[name])
+    module = inspect.signature(cls)
     assert list(module.parameters.values())[: len(fn.parameters) - 2] == list(fn.parameters.values())[2:]
     assert list(module.parameters)[len(fn.parameters) - 2 :] == ["accumulation", "defer_target_check"]
-    assert MODULES[name].__name__ == L.LOSSES[name].module and getattr(L, L.LOSSES[name].module) is MODULES[name]
-    with pytest.raises(TypeError, match="unknown options"):
-        MODULES[name](not_an_option=1)
+    with pytest.raises(TypeError, match="not_an_option"):
+        cls(not_an_option=1)
+    mode = "multiclass"
+    logits, targets = (
+        torch.randn(3, 4, 5, 5, generator=torch.Generator().manual_seed(0)),
+        torch.arange(75).reshape(3, 5, 5) % 4,
+    )
+    assert torch.equal(FUNCTIONS[name](logits, targets, mode), cls(mode)(logits, targets))
 
 
 def _reads(name):
     if ":" in name:
         return {"args", "ignore_index", "sync"}
-    spec = L.LOSSES[name]
-    return {"mode", *spec.options} | ({"accumulation"} if spec.region else set())
+    cls = L.LOSSES[name]
+    return {"mode", *cls.option_names()} | ({"accumulation"} if cls.is_region() else set())
 
 
 @pytest.mark.parametrize("name", [*FUNCTIONS, "helpers_userloss:scaled_bce"])
@@ -683,6 +696,48 @@ def test_two_ranks_equal_one_rank_for_every_loss_and_mode(two_rank_report):
     ]
     assert not bad, json.dumps(bad, indent=1)
     assert all(r["ref_grad_max"] > 1e-4 and r["ref_loss"] > 1e-3 for r in results)  # the comparisons are not 0 == 0
+
+
+def test_a_loss_added_as_documented_is_synchronized_on_two_ranks(two_rank_report):
+    """tests/helpers_newloss.py's loss (kernel, class, function, table row, nothing else) is among the
+    2-rank cases above, in every mode, and equals its 1-rank value like the built-in ones."""
+    modes = {r["mode"] for r in two_rank_report["results"] if r["loss"] == helpers_newloss.NAME}
+    assert modes == {"binary", "multilabel", "multiclass"}
+
+
+def test_a_loss_added_as_documented_works_with_the_config_and_exact_accumulation(monkeypatch):
+    from ddp_finetune.config import config_from_dict
+
+    from ddp_finetune.losses import build, table
+
+    losses = {**table.LOSSES}
+    monkeypatch.setattr(build, "LOSSES", losses)  # the table check_loss_config and build_loss read
+    helpers_newloss.register(losses, {})
+    cfg = config_from_dict({"data": {"path": "x"}, "loss": {"name": "vnet_dice", "smooth": 0.5}})
+    with pytest.raises(UserError, match="loss.gamma=3.0 is not used by vnet_dice"):
+        config_from_dict({"data": {"path": "x"}, "loss": {"name": "vnet_dice"}}, ["loss.gamma=3"])
+    loss_fn = L.build_loss(cfg.loss, "segmentation", 3)
+    assert isinstance(loss_fn, helpers_newloss.VNetDiceLoss) and loss_fn.kernel.smooth == 0.5
+    assert L.needs_statistics_pass(loss_fn)
+    # exact accumulation: 4 micro-batches of 2 through statistics / surrogate = one batch of 8
+    g = torch.Generator().manual_seed(0)
+    logits, targets = (
+        torch.randn(8, 3, 6, 6, generator=g, dtype=torch.float64),
+        torch.randint(0, 3, (8, 6, 6), generator=g),
+    )
+    whole = logits.clone().requires_grad_(True)
+    reference = loss_fn(whole, targets)
+    reference.backward()
+    parts = logits.clone().requires_grad_(True)
+    chunks = list(zip(parts.split(2), targets.split(2)))
+    stats = loss_fn.reduce_statistics(sum(loss_fn.statistics(x, t) for x, t in chunks))
+    values = []
+    for x, t in chunks:
+        value = loss_fn.surrogate(x, t, stats, micro_batches=4)
+        (value / 4).backward()
+        values.append(value.detach())
+    assert all(torch.allclose(v, reference.detach(), rtol=1e-12) for v in values)
+    assert torch.allclose(parts.grad, whole.grad, rtol=1e-10, atol=1e-14)
 
 
 def test_two_ranks_unsynchronized_dice_differs(two_rank_report):

@@ -15,13 +15,14 @@ or `ignore_index`.
 
 Where things are:
 
-* `table.py`: the one table, `loss.name` -> function, kernel (its maths) and module name.
-* `region.py` (dice, iou, tversky, dice_bce), `cross_entropy.py`, `focal.py`: the maths, as
-  kernels (which sums a loss needs, its value from them) and the public functions.
+* `table.py`: the one table, `loss.name` -> class (and function); how to add a loss.
+* `region.py` (`DiceLoss`, `IoULoss`, `TverskyLoss`, `DiceBCELoss`), `cross_entropy.py`
+  (`CrossEntropyLoss`), `focal.py` (`FocalLoss`): the maths, as kernels (which sums a loss
+  needs, its value from them), the classes and the functions (thin wrappers of the classes).
 * `batch.py`: input checks and layout; `options.py`: the option checks, for code and config;
   `statistics.py`: sums -> all-reduce -> value, and the accumulation surrogate.
-* `module.py`: `Loss`, the one nn.Module (`DiceLoss` etc. are made from the table), with the
-  deferred target check and exact gradient accumulation for training loops.
+* `module.py`: `Loss`, the base class of every built-in loss, with the deferred target check
+  and exact gradient accumulation for training loops.
 * `build.py`: `build_loss` and `check_loss_config`, the one validation of `loss:`.
 
 Conventions shared by every loss here:
@@ -63,8 +64,15 @@ _NAMES = {
     "needs_statistics_pass": "build",
     "cross_entropy_loss": "cross_entropy",
     "focal_loss": "focal",
-    "LOSS_MODULES": "module",
+    "LOSS_MODULES": "table",
+    "LOSS_FUNCTIONS": "table",
     "Loss": "module",
+    "CrossEntropyLoss": "cross_entropy",
+    "DiceLoss": "region",
+    "DiceBCELoss": "region",
+    "IoULoss": "region",
+    "FocalLoss": "focal",
+    "TverskyLoss": "region",
     "dice_bce_loss": "region",
     "dice_loss": "region",
     "iou_loss": "region",
@@ -72,15 +80,6 @@ _NAMES = {
     "LOSS_NAMES": "table",
     "LOSSES": "table",
     "TASK_MODES": "table",
-    "LossSpec": "table",
-}
-_MODULE_CLASSES = {
-    "CrossEntropyLoss": "cross_entropy",
-    "DiceLoss": "dice",
-    "DiceBCELoss": "dice_bce",
-    "IoULoss": "iou",
-    "FocalLoss": "focal",
-    "TverskyLoss": "tversky",
 }
 
 
@@ -89,11 +88,6 @@ def __getattr__(name: str):
     free of torch, and the config can import it without importing every loss."""
     if name in _NAMES:
         value = getattr(importlib.import_module(f"{__name__}.{_NAMES[name]}"), name)
-    elif name in _MODULE_CLASSES:
-        value = __getattr__("LOSS_MODULES")[_MODULE_CLASSES[name]]
-    elif name == "LOSS_FUNCTIONS":
-        # each built-in loss by its `loss.name`, as a function (a view of `LOSSES`)
-        value = {n: spec.function for n, spec in __getattr__("LOSSES").items()}
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     globals()[name] = value
@@ -113,7 +107,6 @@ __all__ = [
     "FocalLoss",
     "IoULoss",
     "Loss",
-    "LossSpec",
     "Mode",
     "TverskyLoss",
     "build_loss",

@@ -13,9 +13,9 @@ from torch import Tensor, nn
 from ..errors import UserError
 from .batch import check_weight_count
 from .kinds import Accumulation as LossAccumulation
-from .module import LOSS_MODULES, Loss
+from .module import Loss
 from .options import check_options, show_value
-from .table import LOSS_NAMES, LOSSES, TASK_MODES, LossSpec
+from .table import LOSS_NAMES, LOSSES, TASK_MODES
 
 # ignore_index: also read by the data scan and the metrics; sync: a user loss is never synchronized
 # by us, so sync=false (as the evaluation loss is built) describes it
@@ -23,9 +23,9 @@ _USER_READS = ("name", "args", "ignore_index", "sync")
 _USER_FORM = f"use package.module:Name of an importable function or nn.Module class, or one of {', '.join(LOSS_NAMES)}"
 
 
-def _reads(spec: LossSpec) -> set[str]:
+def _reads(cls: type[Loss]) -> set[str]:
     """The LossConfig fields a built-in loss reads."""
-    return {"name", "mode", *spec.options} | ({"accumulation"} if spec.region else set())
+    return {"name", "mode", *cls.option_names()} | ({"accumulation"} if cls.is_region() else set())
 
 
 def _reject_ignored(cfg, name: str, reads: set[str]) -> None:
@@ -35,7 +35,7 @@ def _reject_ignored(cfg, name: str, reads: set[str]) -> None:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if f.name in reads or value == default:
             continue
-        readers = [n for n, spec in LOSSES.items() if f.name in _reads(spec)] or ["a user loss (package.module:Name)"]
+        readers = [n for n, cls in LOSSES.items() if f.name in _reads(cls)] or ["a user loss (package.module:Name)"]
         raise UserError(
             f"loss.{f.name}={show_value(value, 'loss.')} is not used by {name} (only by {', '.join(readers)}); remove it"
         )
@@ -75,11 +75,11 @@ def check_loss_config(cfg, task: str | None = None, num_classes: int | None = No
         raise UserError(
             f"loss.name={name!r} is not one of {', '.join(LOSS_NAMES)}; or give your own loss as package.module:Name"
         )
-    spec = LOSSES[name]
-    _reject_ignored(cfg, name, _reads(spec))
+    cls = LOSSES[name]
+    _reject_ignored(cfg, name, _reads(cls))
     mode = _resolve_mode(cfg, task)
     owner = f"loss.name={name}"
-    check_options(name, mode, {k: getattr(cfg, k) for k in spec.options}, owner=owner, prefix="loss.")
+    check_options(name, mode, {k: getattr(cfg, k) for k in cls.option_names()}, owner=owner, prefix="loss.")
     accumulations = typing.get_args(LossAccumulation)
     if cfg.accumulation not in accumulations:
         raise UserError(f"loss.accumulation={cfg.accumulation!r} is not one of {', '.join(accumulations)}")
@@ -104,10 +104,9 @@ def build_loss(
     name = cfg_loss.name
     if ":" in name:
         return _user_loss(name, cfg_loss.args)
-    options = {k: getattr(cfg_loss, k) for k in LOSSES[name].options}
-    return LOSS_MODULES[name](
-        mode, accumulation=cfg_loss.accumulation, defer_target_check=defer_target_check, **options
-    )
+    cls = LOSSES[name]
+    options = {k: getattr(cfg_loss, k) for k in cls.option_names()}  # the config's fields, by name
+    return cls(mode, accumulation=cfg_loss.accumulation, defer_target_check=defer_target_check, **options)
 
 
 def needs_statistics_pass(loss_fn) -> bool:

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .batch import Batch, Mode, divide
-from .statistics import call_loss
+from .kinds import Accumulation
+from .module import Loss
 
 
 def cross_entropy_sums(batch: Batch, weights: Tensor | None, label_smoothing: float) -> list[Tensor]:
@@ -56,6 +57,42 @@ class CrossEntropyKernel:
         return ignore_index is not None or (weighted and mode == "multiclass")
 
 
+class CrossEntropyLoss(Loss):
+    """Cross-entropy with label smoothing, its mean taken over the global batch.
+
+    multiclass: `F.cross_entropy(logits, targets, weight=class_weights, ignore_index=...,
+    label_smoothing=ε)` of the global batch. Its mean is a ratio of sums, Σ loss / Σ w_y (plain
+    count without weights), and both sums are reduced across ranks before dividing, so the loss
+    is the global one even when ranks hold different numbers of samples or ignored pixels.
+    binary/multilabel: BCE-with-logits against t·(1 − ε) + ε/2, averaged the same way (with
+    class weights: Σ w·BCE / Σ w over the elements).
+    """
+
+    name = "cross_entropy"
+    kernel_type = CrossEntropyKernel
+
+    def __init__(
+        self,
+        mode: Mode = "multiclass",
+        *,
+        label_smoothing: float = 0.0,
+        ignore_index: int | None = None,
+        class_weights: Sequence[float] | None = None,
+        sync: bool = True,
+        accumulation: Accumulation = "exact",
+        defer_target_check: bool = False,
+    ):
+        super().__init__(
+            mode,
+            dict(label_smoothing=label_smoothing),
+            ignore_index=ignore_index,
+            class_weights=class_weights,
+            sync=sync,
+            accumulation=accumulation,
+            defer_target_check=defer_target_check,
+        )
+
+
 def cross_entropy_loss(
     logits: Tensor,
     targets: Tensor,
@@ -66,23 +103,7 @@ def cross_entropy_loss(
     class_weights: Sequence[float] | None = None,
     sync: bool = True,
 ) -> Tensor:
-    """Cross-entropy with label smoothing, its mean taken over the global batch.
-
-    multiclass: `F.cross_entropy(logits, targets, weight=class_weights, ignore_index=...,
-    label_smoothing=ε)` of the global batch. Its mean is a ratio of sums, Σ loss / Σ w_y (plain
-    count without weights), and both sums are reduced across ranks before dividing, so the loss
-    is the global one even when ranks hold different numbers of samples or ignored pixels.
-    binary/multilabel: BCE-with-logits against t·(1 − ε) + ε/2, averaged the same way (with
-    class weights: Σ w·BCE / Σ w over the elements).
-    """
-    return call_loss(
-        "cross_entropy",
-        CrossEntropyKernel,
-        logits,
-        targets,
-        mode,
-        ignore_index,
-        class_weights,
-        sync,
-        label_smoothing=label_smoothing,
-    )
+    """`CrossEntropyLoss` of one batch (a bad target value raises here, on every rank)."""
+    return CrossEntropyLoss(
+        mode, label_smoothing=label_smoothing, ignore_index=ignore_index, class_weights=class_weights, sync=sync
+    )(logits, targets)

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .batch import Batch, Mode, divide
-from .statistics import call_loss
+from .kinds import Accumulation
+from .module import Loss
 
 
 def _focal_factor(one_minus_p: Tensor, gamma: float) -> Tensor:
@@ -61,17 +62,7 @@ class FocalKernel:
         return ignore_index is not None
 
 
-def focal_loss(
-    logits: Tensor,
-    targets: Tensor,
-    mode: Mode = "binary",
-    *,
-    alpha: float | None = 0.25,
-    gamma: float = 2.0,
-    ignore_index: int | None = None,
-    class_weights: Sequence[float] | None = None,
-    sync: bool = True,
-) -> Tensor:
+class FocalLoss(Loss):
     """Focal loss (Lin et al. 2017): the mean over elements of α_t·(1 − p_t)^γ·BCE.
 
     binary/multilabel: p = sigmoid(logits), p_t = p·t + (1−p)·(1−t), α_t = α·t + (1−α)·(1−t)
@@ -87,6 +78,45 @@ def focal_loss(
     then applies (1 − exp(−BCE))^γ to that one scalar. That rescales the whole batch's loss by a
     single factor and does not down-weight the easy examples, so it is not focal loss.
     """
-    return call_loss(
-        "focal", FocalKernel, logits, targets, mode, ignore_index, class_weights, sync, alpha=alpha, gamma=gamma
+
+    name = "focal"
+    kernel_type = FocalKernel
+
+    def __init__(
+        self,
+        mode: Mode = "binary",
+        *,
+        alpha: float | None = 0.25,
+        gamma: float = 2.0,
+        ignore_index: int | None = None,
+        class_weights: Sequence[float] | None = None,
+        sync: bool = True,
+        accumulation: Accumulation = "exact",
+        defer_target_check: bool = False,
+    ):
+        super().__init__(
+            mode,
+            dict(alpha=alpha, gamma=gamma),
+            ignore_index=ignore_index,
+            class_weights=class_weights,
+            sync=sync,
+            accumulation=accumulation,
+            defer_target_check=defer_target_check,
+        )
+
+
+def focal_loss(
+    logits: Tensor,
+    targets: Tensor,
+    mode: Mode = "binary",
+    *,
+    alpha: float | None = 0.25,
+    gamma: float = 2.0,
+    ignore_index: int | None = None,
+    class_weights: Sequence[float] | None = None,
+    sync: bool = True,
+) -> Tensor:
+    """`FocalLoss` of one batch (a bad target value raises here, on every rank)."""
+    return FocalLoss(mode, alpha=alpha, gamma=gamma, ignore_index=ignore_index, class_weights=class_weights, sync=sync)(
+        logits, targets
     )

@@ -1,6 +1,6 @@
-"""One nn.Module for every built-in loss, with what a training loop needs beyond `forward`.
+"""`Loss`: the base class of every built-in loss, with what a training loop needs beyond `forward`.
 
-    loss_fn = DiceLoss("multiclass", ignore_index=255, defer_target_check=True)
+    loss_fn = DiceLoss("multiclass", ignore_index=255, defer_target_check=True)   # a subclass of Loss
     loss = loss_fn(logits, targets)          # no host sync
     ...
     loss_fn.check_targets()                  # on log / checkpoint steps: raises on every rank
@@ -34,56 +34,86 @@ from .batch import Batch, Mode, bad_targets_here, bad_targets_since, check_weigh
 from .kinds import Accumulation as LossAccumulation
 from .options import check_options, weight_list
 from .statistics import compute, local_statistics, surrogate
-from .table import LOSSES, LossSpec
 
 ACCUMULATIONS = typing.get_args(LossAccumulation)
 
 
 class Loss(nn.Module):
-    """A built-in loss (`LOSSES[loss_name]`) with its options bound; `forward(logits, targets)`.
+    """The base of every built-in loss (`DiceLoss`, `FocalLoss`, ... in region.py, focal.py,
+    cross_entropy.py): a kernel (the maths: which sums, the value from them) with its options
+    bound, plus what a training loop needs beyond `forward(logits, targets)`.
 
-    The options and their defaults are the loss function's (`dice_loss`, ...). Two more are for
-    training loops:
+    A subclass sets `name` (its `loss.name`) and `kernel_type`, and its `__init__` takes the mode,
+    its own options as typed keyword-only parameters named like `config.LossConfig` fields (that
+    is how `build_loss` passes the config: by name), then the common ones, and hands them here.
+    The common options:
+    - `ignore_index`, `class_weights`, `sync`: see the package docstring;
     - `accumulation`: `exact` (default) makes `needs_statistics_pass` true for region losses
-      (see the module docstring); `micro_batch` leaves each micro-batch its own loss.
+      (see the module docstring); `micro_batch` leaves each micro-batch its own loss;
     - `defer_target_check`: False (default) raises on a bad target value in the call that sees
       it, which reads a count back from the device (a host sync per call). True only counts
       them on the device; `check_targets()` raises later, on every rank.
     """
 
-    loss_name: ClassVar[str]
+    name: ClassVar[str]
+    """The loss's `loss.name` (its row in table.LOSSES)."""
+    kernel_type: ClassVar[type]
+    """A frozen dataclass whose fields are the loss's own options: the maths (statistics.Kernel)."""
+
+    COMMON: ClassVar[tuple[str, ...]] = ("ignore_index", "class_weights", "sync")
+    TRAINING: ClassVar[tuple[str, ...]] = ("accumulation", "defer_target_check")
 
     def __init__(
         self,
-        mode: Mode | None = None,
+        mode: Mode,
+        own_options: dict,
         *,
+        ignore_index: int | None = None,
+        class_weights=None,
+        sync: bool = True,
         accumulation: LossAccumulation = "exact",
         defer_target_check: bool = False,
-        **options,
     ):
         super().__init__()
-        if not hasattr(self, "loss_name"):
-            raise TypeError("build a loss by its class, e.g. DiceLoss(...), or LOSS_MODULES[name](...)")
-        self.spec: LossSpec = LOSSES[self.loss_name]
-        unknown = sorted(set(options) - set(self.spec.options))
-        if unknown:
-            raise TypeError(f"{type(self).__name__}: unknown options {unknown}; it takes {list(self.spec.options)}")
-        self.mode = self.spec.default_mode if mode is None else mode
-        self.options = {**self.spec.defaults, **options}
-        check_options(self.loss_name, self.mode, self.options, owner=self.label)
+        self.mode = mode
+        self.options = {**own_options, "ignore_index": ignore_index, "class_weights": class_weights, "sync": sync}
+        check_options(self.name, self.mode, self.options, owner=self.label)
         if accumulation not in ACCUMULATIONS:
             raise UserError(f"{self.label}: accumulation={accumulation!r} is not one of {', '.join(ACCUMULATIONS)}")
         self.accumulation = accumulation
         self.defer_target_check = defer_target_check
-        self.kernel = self.spec.kernel(**{k: self.options[k] for k in self.spec.kernel_options})
-        self._weights = weight_list(self.options["class_weights"])
+        self.kernel = self.kernel_type(**own_options)
+        self._weights = weight_list(class_weights)
         self._weight_tensors: dict[tuple, Tensor] = {}  # per (device, dtype): no copy to the device per call
         self._bad_targets: Tensor | None = None  # deferred count, on the device
         self._expected = ""
 
+    # ---------------------------------------------------------------- what the class takes
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        """The options it takes (its own, then the common ones): `LossConfig` field names."""
+        params = inspect.signature(cls.__init__).parameters.values()
+        kw = [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        return tuple(n for n in kw if n not in cls.TRAINING)
+
+    @classmethod
+    def defaults(cls) -> dict:
+        params = inspect.signature(cls.__init__).parameters
+        return {n: params[n].default for n in cls.option_names()}
+
+    @classmethod
+    def default_mode(cls) -> str:
+        return inspect.signature(cls.__init__).parameters["mode"].default
+
+    @classmethod
+    def is_region(cls) -> bool:
+        """A ratio of sums over the batch (Dice-like): `loss.accumulation` applies to it."""
+        return getattr(cls.kernel_type, "region", False)
+
     @property
     def label(self) -> str:
-        return self.spec.function.__name__
+        return f"{self.name}_loss"
 
     @property
     def sync(self) -> bool:
@@ -187,25 +217,3 @@ class Loss(nn.Module):
             error = None
         if error is not None:
             raise error
-
-
-def _module_class(name: str, spec: LossSpec) -> type[Loss]:
-    """The public class of one table row: `Loss` with the loss's name and its function's signature."""
-    own = list(inspect.signature(spec.function).parameters.values())[2:]  # mode, then the options
-    training = [p for p in inspect.signature(Loss.__init__).parameters.values() if p.kind is p.KEYWORD_ONLY]
-
-    def __init__(self, *args, **kwargs):
-        Loss.__init__(self, *args, **kwargs)
-
-    __init__.__signature__ = inspect.Signature(
-        [inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)] + own + training
-    )
-    doc = f"`{spec.function.__name__}` as a module; `accumulation` and `defer_target_check` as in `Loss`."
-    namespace = {"loss_name": name, "__init__": __init__, "__doc__": doc, "__module__": "ddp_finetune.losses"}
-    cls = type(spec.module, (Loss,), namespace)
-    cls.__qualname__ = spec.module
-    return cls
-
-
-LOSS_MODULES: dict[str, type[Loss]] = {name: _module_class(name, spec) for name, spec in LOSSES.items()}
-"""Each built-in loss by its `loss.name`, as an `nn.Module` class (`DiceLoss`, ...)."""

@@ -16,7 +16,8 @@ from torch import Tensor
 
 from .batch import Batch, Mode, divide
 from .cross_entropy import cross_entropy_sums
-from .statistics import call_loss
+from .kinds import Accumulation
+from .module import Loss
 
 
 def region_sums(batch: Batch, per_image: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -38,6 +39,7 @@ class RegionKernel:
     smooth: float = 1.0
     per_image: bool = False
     with_cross_entropy: ClassVar[bool] = False  # dice_bce: plus the mean (B)CE, in the same sums
+    region: ClassVar[bool] = True  # `loss.accumulation` applies (Loss.is_region)
 
     def score(self, tp: Tensor, sp: Tensor, st: Tensor) -> Tensor:
         raise NotImplementedError
@@ -97,6 +99,43 @@ class DiceBCEKernel(DiceKernel):
     with_cross_entropy: ClassVar[bool] = True
 
 
+class DiceLoss(Loss):
+    """Soft Dice loss of the global batch.
+
+    binary: Dice = 1 − (2·Σp·t + s) / (Σp + Σt + s), p = sigmoid(logits), the sums running over
+    every (non-ignored) element of the global batch, i.e. of all ranks together.
+    multilabel (p = sigmoid per channel) and multiclass (p = softmax over channels, t one-hot):
+    the same per class, the sums over images and pixels, then the mean over classes (weighted by
+    `class_weights` if given). `per_image=True`: the Dice of each image (and class), averaged
+    over the images of the global batch, then over classes. s = `smooth`.
+    """
+
+    name = "dice"
+    kernel_type = DiceKernel
+
+    def __init__(
+        self,
+        mode: Mode = "binary",
+        *,
+        smooth: float = 1.0,
+        per_image: bool = False,
+        ignore_index: int | None = None,
+        class_weights: Sequence[float] | None = None,
+        sync: bool = True,
+        accumulation: Accumulation = "exact",
+        defer_target_check: bool = False,
+    ):
+        super().__init__(
+            mode,
+            dict(smooth=smooth, per_image=per_image),
+            ignore_index=ignore_index,
+            class_weights=class_weights,
+            sync=sync,
+            accumulation=accumulation,
+            defer_target_check=defer_target_check,
+        )
+
+
 def dice_loss(
     logits: Tensor,
     targets: Tensor,
@@ -108,18 +147,42 @@ def dice_loss(
     class_weights: Sequence[float] | None = None,
     sync: bool = True,
 ) -> Tensor:
-    """Soft Dice loss of the global batch.
+    """`DiceLoss` of one batch (a bad target value raises here, on every rank)."""
+    return DiceLoss(
+        mode, smooth=smooth, per_image=per_image, ignore_index=ignore_index, class_weights=class_weights, sync=sync
+    )(logits, targets)
 
-    binary: Dice = 1 − (2·Σp·t + s) / (Σp + Σt + s), p = sigmoid(logits), the sums running over
-    every (non-ignored) element of the global batch, i.e. of all ranks together.
-    multilabel (p = sigmoid per channel) and multiclass (p = softmax over channels, t one-hot):
-    the same per class, the sums over images and pixels, then the mean over classes (weighted by
-    `class_weights` if given). `per_image=True`: the Dice of each image (and class), averaged
-    over the images of the global batch, then over classes. s = `smooth`.
+
+class IoULoss(Loss):
+    """Soft IoU (Jaccard) loss: 1 − (Σp·t + s) / (Σp + Σt − Σp·t + s).
+
+    Sums, modes, classes, `per_image` and weights exactly as in `DiceLoss`.
     """
-    return call_loss(
-        "dice", DiceKernel, logits, targets, mode, ignore_index, class_weights, sync, smooth=smooth, per_image=per_image
-    )
+
+    name = "iou"
+    kernel_type = IoUKernel
+
+    def __init__(
+        self,
+        mode: Mode = "binary",
+        *,
+        smooth: float = 1.0,
+        per_image: bool = False,
+        ignore_index: int | None = None,
+        class_weights: Sequence[float] | None = None,
+        sync: bool = True,
+        accumulation: Accumulation = "exact",
+        defer_target_check: bool = False,
+    ):
+        super().__init__(
+            mode,
+            dict(smooth=smooth, per_image=per_image),
+            ignore_index=ignore_index,
+            class_weights=class_weights,
+            sync=sync,
+            accumulation=accumulation,
+            defer_target_check=defer_target_check,
+        )
 
 
 def iou_loss(
@@ -133,13 +196,45 @@ def iou_loss(
     class_weights: Sequence[float] | None = None,
     sync: bool = True,
 ) -> Tensor:
-    """Soft IoU (Jaccard) loss: 1 − (Σp·t + s) / (Σp + Σt − Σp·t + s).
+    """`IoULoss` of one batch."""
+    return IoULoss(
+        mode, smooth=smooth, per_image=per_image, ignore_index=ignore_index, class_weights=class_weights, sync=sync
+    )(logits, targets)
 
-    Sums, modes, classes, `per_image` and weights exactly as in `dice_loss`.
+
+class TverskyLoss(Loss):
+    """Tversky loss: 1 − (Σpt + s) / (Σpt + α·Σp(1−t) + β·Σ(1−p)t + s).
+
+    α weighs false positives, β false negatives; with s = 0, α = β = 0.5 is Dice and α = β = 1
+    is IoU. Sums, modes, classes, `per_image` and weights exactly as in `DiceLoss`.
     """
-    return call_loss(
-        "iou", IoUKernel, logits, targets, mode, ignore_index, class_weights, sync, smooth=smooth, per_image=per_image
-    )
+
+    name = "tversky"
+    kernel_type = TverskyKernel
+
+    def __init__(
+        self,
+        mode: Mode = "binary",
+        *,
+        alpha: float = 0.5,
+        beta: float = 0.5,
+        smooth: float = 1.0,
+        per_image: bool = False,
+        ignore_index: int | None = None,
+        class_weights: Sequence[float] | None = None,
+        sync: bool = True,
+        accumulation: Accumulation = "exact",
+        defer_target_check: bool = False,
+    ):
+        super().__init__(
+            mode,
+            dict(alpha=alpha, beta=beta, smooth=smooth, per_image=per_image),
+            ignore_index=ignore_index,
+            class_weights=class_weights,
+            sync=sync,
+            accumulation=accumulation,
+            defer_target_check=defer_target_check,
+        )
 
 
 def tversky_loss(
@@ -155,26 +250,51 @@ def tversky_loss(
     class_weights: Sequence[float] | None = None,
     sync: bool = True,
 ) -> Tensor:
-    """Tversky loss: 1 − (Σpt + s) / (Σpt + α·Σp(1−t) + β·Σ(1−p)t + s).
-
-    α weighs false positives, β false negatives; with s = 0, α = β = 0.5 is Dice and α = β = 1
-    is IoU.
-    Sums, modes, classes, `per_image` and weights exactly as in `dice_loss`.
-    """
-    return call_loss(
-        "tversky",
-        TverskyKernel,
-        logits,
-        targets,
+    """`TverskyLoss` of one batch."""
+    return TverskyLoss(
         mode,
-        ignore_index,
-        class_weights,
-        sync,
         alpha=alpha,
         beta=beta,
         smooth=smooth,
         per_image=per_image,
-    )
+        ignore_index=ignore_index,
+        class_weights=class_weights,
+        sync=sync,
+    )(logits, targets)
+
+
+class DiceBCELoss(Loss):
+    """Dice + BCE: the mean BCE-with-logits over the (non-ignored) elements plus the Dice loss.
+
+    In multiclass mode the BCE term is the softmax cross-entropy (`CrossEntropyLoss` without
+    label smoothing), the usual Dice + CE. The mean is Σ BCE / count over the global batch (with
+    class weights: Σ w·BCE / Σ w); both terms share one all-reduce.
+    """
+
+    name = "dice_bce"
+    kernel_type = DiceBCEKernel
+
+    def __init__(
+        self,
+        mode: Mode = "binary",
+        *,
+        smooth: float = 1.0,
+        per_image: bool = False,
+        ignore_index: int | None = None,
+        class_weights: Sequence[float] | None = None,
+        sync: bool = True,
+        accumulation: Accumulation = "exact",
+        defer_target_check: bool = False,
+    ):
+        super().__init__(
+            mode,
+            dict(smooth=smooth, per_image=per_image),
+            ignore_index=ignore_index,
+            class_weights=class_weights,
+            sync=sync,
+            accumulation=accumulation,
+            defer_target_check=defer_target_check,
+        )
 
 
 def dice_bce_loss(
@@ -188,21 +308,7 @@ def dice_bce_loss(
     class_weights: Sequence[float] | None = None,
     sync: bool = True,
 ) -> Tensor:
-    """Dice + BCE: the mean BCE-with-logits over the (non-ignored) elements plus `dice_loss`.
-
-    In multiclass mode the BCE term is the softmax cross-entropy (`cross_entropy_loss` without
-    label smoothing), the usual Dice + CE. The mean is Σ BCE / count over the global batch (with
-    class weights: Σ w·BCE / Σ w); both terms share one all-reduce.
-    """
-    return call_loss(
-        "dice_bce",
-        DiceBCEKernel,
-        logits,
-        targets,
-        mode,
-        ignore_index,
-        class_weights,
-        sync,
-        smooth=smooth,
-        per_image=per_image,
-    )
+    """`DiceBCELoss` of one batch."""
+    return DiceBCELoss(
+        mode, smooth=smooth, per_image=per_image, ignore_index=ignore_index, class_weights=class_weights, sync=sync
+    )(logits, targets)

@@ -10,15 +10,13 @@ whole step's batch needs only the sums of its micro-batches.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from ..distributed import all_reduce_sum_with_grad
-from .batch import Batch, bad_targets_here, no_autocast, prepare, weight_tensor
-from .options import check_options, weight_list
+from .batch import Batch
 
 
 class Kernel(Protocol):
@@ -79,30 +77,3 @@ def surrogate(kernel: Kernel, batch: Batch, weights: Tensor | None, global_stats
         (slope,) = torch.autograd.grad(value, total)
     # local - local.detach() is exactly 0: the value is F(S), the gradient slope·∇s·scale
     return value.detach() + scale * (slope * (local - local.detach())).sum()
-
-
-def call_loss(
-    name: str,
-    make_kernel: Callable[..., Kernel],
-    logits: Tensor,
-    targets: Tensor,
-    mode: str,
-    ignore_index: int | None,
-    class_weights,
-    sync: bool,
-    **options,
-) -> Tensor:
-    """The body of every public loss function: check the options, build the kernel, compute.
-
-    A bad target value raises here, on every rank (one host sync per call: reading the count)."""
-    label = f"{name}_loss"
-    check_options(name, mode, {**options, "class_weights": class_weights}, owner=label)
-    weights = weight_list(class_weights)
-    kernel = make_kernel(**options)
-    with no_autocast(logits):
-        batch = prepare(label, logits, targets, mode, ignore_index)
-        value, bad = compute(kernel, batch, weight_tensor(label, weights, batch), sync)
-        error = bad_targets_here(batch, bad)
-        if error is not None:
-            raise error
-        return value

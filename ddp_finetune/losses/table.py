@@ -1,79 +1,46 @@
-"""The one table of built-in losses: `loss.name` -> its function, its maths and its module's name.
+"""The one table of built-in losses: `loss.name` -> its class and its function.
 
-Adding a loss: write its kernel (the sums it needs and its value from them, see statistics.py)
-and its public function (options as keyword-only parameters named like `LossConfig` fields, a
-docstring with the formula), then add one row here. The module class, the config checks (which
-options it reads) and `build_loss` follow from the row.
+Adding a loss (tests/test_losses.py::test_a_loss_added_as_documented_works_everywhere does it):
+1. its kernel, a frozen dataclass of its own options with `statistics` (the sums it needs) and
+   `value` (the loss from the summed sums), see statistics.Kernel; `region = True` for a ratio of
+   sums over the batch (Dice-like), whose exact accumulation needs a statistics pass;
+2. its class, `class MyLoss(Loss)` with `name` and `kernel_type`, and an `__init__` taking the
+   mode, its options as typed keyword-only parameters named like `config.LossConfig` fields (a new
+   option is a new LossConfig field), then the common ones, passed to `Loss.__init__`;
+3. optionally its function, `my_loss(logits, targets, mode, **options)`: `MyLoss(...)(logits, targets)`;
+4. one row below.
+Synchronization across ranks, exact accumulation, the deferred target check and the config's
+checks (`build.check_loss_config`: which options a loss reads) come from `Loss` and this table.
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
-from dataclasses import dataclass, fields
+from .cross_entropy import CrossEntropyLoss, cross_entropy_loss
+from .focal import FocalLoss, focal_loss
+from .module import Loss
+from .region import DiceBCELoss, DiceLoss, IoULoss, TverskyLoss, dice_bce_loss, dice_loss, iou_loss, tversky_loss
 
-from torch import Tensor
-
-from .cross_entropy import CrossEntropyKernel, cross_entropy_loss
-from .focal import FocalKernel, focal_loss
-from .region import (
-    DiceBCEKernel,
-    DiceKernel,
-    IoUKernel,
-    RegionKernel,
-    TverskyKernel,
-    dice_bce_loss,
-    dice_loss,
-    iou_loss,
-    tversky_loss,
-)
-
-COMMON_OPTIONS = ("ignore_index", "class_weights", "sync")
-"""Options every built-in loss reads; the others are its kernel's fields."""
-
-
-@dataclass(frozen=True)
-class LossSpec:
-    function: Callable[..., Tensor]
-    """fn(logits, targets, mode, *, options...) -> scalar loss; the options are keyword-only."""
-    kernel: type
-    """A frozen dataclass whose fields are the loss's own options (all but COMMON_OPTIONS)."""
-    module: str
-    """The name of its nn.Module class in `ddp_finetune.losses`."""
-
-    @property
-    def options(self) -> tuple[str, ...]:
-        """The options it reads: its function's keyword-only parameters, named like LossConfig fields."""
-        params = inspect.signature(self.function).parameters.values()
-        return tuple(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
-
-    @property
-    def defaults(self) -> dict:
-        params = inspect.signature(self.function).parameters
-        return {name: params[name].default for name in self.options}
-
-    @property
-    def default_mode(self) -> str:
-        return inspect.signature(self.function).parameters["mode"].default
-
-    @property
-    def kernel_options(self) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(self.kernel))
-
-    @property
-    def region(self) -> bool:
-        """A ratio of sums over the batch (Dice-like): `loss.accumulation` applies to it."""
-        return issubclass(self.kernel, RegionKernel)
-
-
-LOSSES = {
-    "cross_entropy": LossSpec(cross_entropy_loss, CrossEntropyKernel, "CrossEntropyLoss"),
-    "dice": LossSpec(dice_loss, DiceKernel, "DiceLoss"),
-    "dice_bce": LossSpec(dice_bce_loss, DiceBCEKernel, "DiceBCELoss"),
-    "iou": LossSpec(iou_loss, IoUKernel, "IoULoss"),
-    "focal": LossSpec(focal_loss, FocalKernel, "FocalLoss"),
-    "tversky": LossSpec(tversky_loss, TverskyKernel, "TverskyLoss"),
+LOSSES: dict[str, type[Loss]] = {
+    "cross_entropy": CrossEntropyLoss,
+    "dice": DiceLoss,
+    "dice_bce": DiceBCELoss,
+    "iou": IoULoss,
+    "focal": FocalLoss,
+    "tversky": TverskyLoss,
 }
+"""Each built-in loss by its `loss.name`, as its `nn.Module` class."""
+
+LOSS_FUNCTIONS = {
+    "cross_entropy": cross_entropy_loss,
+    "dice": dice_loss,
+    "dice_bce": dice_bce_loss,
+    "iou": iou_loss,
+    "focal": focal_loss,
+    "tversky": tversky_loss,
+}
+"""The same losses as functions (each builds its class and calls it once)."""
+
+LOSS_MODULES = LOSSES  # the name this table had when it held only the classes
 
 LOSS_NAMES = tuple(LOSSES)
 

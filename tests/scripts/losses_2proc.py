@@ -21,6 +21,7 @@ import json
 import os
 import sys
 
+import helpers_newloss  # noqa: E402  (tests/ is on PYTHONPATH: run_script_2proc)
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -29,6 +30,7 @@ from ddp_finetune import losses as L
 from ddp_finetune.distributed import make_accelerator
 from ddp_finetune.errors import UserError
 
+helpers_newloss.register()  # a loss added as losses/table.py documents: synchronized like the others
 FUNCTIONS = L.LOSS_FUNCTIONS
 GLOBAL_BATCH = 8
 SPLITS = {"halves": 4, "uneven": 3}
