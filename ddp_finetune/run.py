@@ -102,25 +102,32 @@ class Run:
     model: nn.Module  # prepared: DDP-wrapped when there are several processes
     optimizer: Any  # the prepared optimizer (Accelerate's wrapper)
     raw_optimizer: Any  # the torch optimizer inside it: its param_groups carry the group names and lrs
-    groups: list[dict]  # the parameter groups as built (names, roles, base lrs)
     schedule: Schedule
     train_loader: Any
     val_loader: Any
     sampler: EpochSampler
     train_set: Any  # its `.epoch` seeds augmentation
     prepare_input: DeviceInput  # uint8 batch (or an EncodedBatch) -> the model's input on the device
-    loader_plan: LoaderPlan  # workers, pinning, prefetch (for the start-up lines)
-    decode_note: str  # where images are decoded, and why (for the start-up lines)
     loss_fn: Callable  # the training loss, synchronized across ranks
     eval_loss_fn: Callable  # the same loss on gathered logits, not synchronized
-    splits: Splits
     classes: Classes
     parts: Parts  # what the package knows of the model: head, blocks, aux-loss weight, normalization
     freeze: BackboneFreeze  # freeze_backbone / unfreeze_at_epoch / freeze_bn, at the moments it acts
-    load_report: LoadReport  # what build_model loaded (weights, missing / unexpected keys)
     guard: NonFiniteGuard  # skips non-finite steps on the device, checked every check_every_n_steps
     steps_per_epoch: int
+    report: StartReport  # what only the start-up lines print
     inputs: Inputs = dataclasses.field(default_factory=Inputs)  # what the Python caller gave fit instead
+
+
+@dataclass
+class StartReport:
+    """What the start-up lines say about a run that the loop itself never reads."""
+
+    splits: Splits  # sizes, which validation split, notes of the data checks
+    load_report: LoadReport  # what build_model loaded (weights, missing / unexpected keys)
+    loader_plan: LoaderPlan  # workers, pinning, prefetch
+    decode_note: str  # where images are decoded, and why
+    groups: list[dict]  # the parameter groups as built (names, roles, base lrs)
 
 
 def check_batch_sizes(cfg: Config, processes: int) -> None:
@@ -258,24 +265,20 @@ def build_run(cfg: Config, inputs: Inputs | None = None) -> Run:
         model=model,
         optimizer=prepared_opt,
         raw_optimizer=optimizer,
-        groups=groups,
         schedule=schedule,
         train_loader=train_loader,
         val_loader=val_loader,
         sampler=sampler,
         train_set=data.train_set,
         prepare_input=prepare_input,
-        loader_plan=loader_plan,
-        decode_note=data.decode_note,
         loss_fn=loss_fn,
         eval_loss_fn=eval_loss_fn,
-        splits=data.splits,
         classes=data.classes,
         parts=parts,
         freeze=freeze,
-        load_report=report,
         guard=NonFiniteGuard(accelerator.device, cfg.train.max_nonfinite_steps, on_device=on_device),
         steps_per_epoch=steps_per_epoch,
+        report=StartReport(data.splits, report, loader_plan, data.decode_note, groups),
         inputs=inputs,
     )
 
@@ -292,17 +295,17 @@ def start_lines(run: Run) -> list[str]:
     lines = [
         f"ddp-finetune: world size {n} (node rank {layout['node_rank']} of {layout['num_nodes']}, "
         f"main address {layout['main_address']}), device {a.device}, mixed precision {cfg.train.mixed_precision}",
-        f"data: {len(run.train_set)} train images, {len(run.splits.val)} validation ({run.splits.val_source}), "
+        f"data: {len(run.train_set)} train images, {len(run.report.splits.val)} validation ({run.report.splits.val_source}), "
         f"{count} classes{classes_from}; global batch {cfg.train.batch_size} = {n} processes x {k} "
         f"accumulation x {cfg.train.batch_size // (n * k)} per micro-batch",
-        *run.splits.notes,
+        *run.report.splits.notes,
     ]
-    loaded = run.load_report.describe()
+    loaded = run.report.load_report.describe()
     if loaded:
         lines.append(loaded)
-    lines.append(f"{run.loader_plan.describe()}; images {run.decode_note}, normalized on {a.device.type}")
+    lines.append(f"{run.report.loader_plan.describe()}; images {run.report.decode_note}, normalized on {a.device.type}")
     lines.append(loss_line(run))
-    lines.append(describe_groups(run.groups))
+    lines.append(describe_groups(run.report.groups))
     lines.append(run.schedule.describe())
     return lines
 

@@ -707,7 +707,6 @@ def test_a_loss_added_as_documented_is_synchronized_on_two_ranks(two_rank_report
 
 def test_a_loss_added_as_documented_works_with_the_config_and_exact_accumulation(monkeypatch):
     from ddp_finetune.config import config_from_dict
-
     from ddp_finetune.losses import build, table
 
     losses = {**table.LOSSES}
