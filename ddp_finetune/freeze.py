@@ -302,8 +302,9 @@ class BackboneFreeze:
 
 
 def _module_start(name: str, module: nn.Module, starts: dict[str, int | None]) -> int | None:
-    """The epoch a module's statistics train from: when the last of its parameters does (a
-    BatchNorm without affine parameters follows the module around it)."""
+    """The epoch a module's statistics train from: when the first of its parameters does (a module
+    is frozen while all its parameters are; a BatchNorm without affine parameters follows the
+    module around it)."""
     own = [f"{name}.{p}" if name else p for p, _ in module.named_parameters()]
     if not own:
         parent = name.rpartition(".")[0]
@@ -311,6 +312,5 @@ def _module_start(name: str, module: nn.Module, starts: dict[str, int | None]) -
     values = [starts[n] for n in own if n in starts]
     if not values:
         return 0
-    if any(v is None for v in values):
-        return None
-    return max(values)
+    trained = [v for v in values if v is not None]
+    return min(trained) if trained else None
