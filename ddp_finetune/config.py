@@ -115,9 +115,9 @@ class ModelConfig:
     freeze_bn: bool = False
     """Keep BatchNorm layers in eval mode (running statistics fixed). Needed for identical training across world sizes on CPU, where BatchNorm cannot be synchronized."""
     freeze_backbone: bool = False
-    """Train only the head (feature extraction); the backbone's weights and BatchNorm statistics stay fixed."""
+    """Train only the head (feature extraction); the backbone's weights and BatchNorm statistics stay fixed. The same as `freeze: backbone`."""
     unfreeze_at_epoch: int | None = None
-    """With `freeze_backbone`: the epoch (0-based) from which the backbone trains too (gradual unfreezing)."""
+    """With something frozen (`freeze_backbone`, `freeze`, `freeze_blocks`): the epoch (0-based) from which it all trains too; with `unfreeze_every`, the epoch the first block (nearest the head) does."""
     freeze: list[str] | Literal["backbone"] | None = None
     """Parameters that do not train: glob patterns on parameter names or module names (`[conv1, bn1, "layer1.*"]`), or `backbone` (everything but the head: `freeze_backbone`). A pattern that matches nothing is an error naming the closest names; BatchNorms inside frozen modules keep their statistics."""
     freeze_blocks: int | None = None
