@@ -70,57 +70,44 @@ def simulate_lrs(cfg, steps_per_epoch: int) -> dict[str, list[float]]:
 
 
 def drawn_lrs(cfg, steps_per_epoch: int) -> tuple[dict[str, list[float]], list[tuple[int, str]]]:
-    """What `lr-plot` draws: `simulate_lrs`, and with anything frozen (`model.freeze`,
-    `freeze_blocks`, `freeze_backbone`) one series per block (`lr/<block>`, `lr/head`) at its
-    group's lr, 0 while the block is frozen; plus the unfreezes as (optimizer step, blocks).
+    """What `lr-plot` draws: `simulate_lrs` with each frozen stretch at 0, and the unfreezes as
+    (optimizer step, blocks that start training there).
 
-    The optimizer's groups keep their lr while frozen (the logged `lr/*` do too); the zero is what
-    the block actually gets (`freeze.py` drops its gradients).
+    A group whose blocks freeze and unfreeze together keeps its one series (`lr/backbone`,
+    `lr/backbone.layer1`, `lr/head`); one whose blocks unfreeze at different epochs (gradual
+    unfreezing without layer decay) is drawn per block (`lr/layer1`, ...). The optimizer's groups
+    keep their lr while frozen (the logged `lr/*` too); the 0 is what a frozen block gets
+    (`freeze.py` drops its gradients). A block only partly frozen is drawn at its group's lr.
     """
     from .freeze import plan_freeze
 
     model, parts = _meta_model(cfg)
+    series, _ = _simulate(cfg, steps_per_epoch, (model, parts))
     if not cfg.model.freezes_anything():
-        return _simulate(cfg, steps_per_epoch, (model, parts))[0], []
+        return series, []
     plan = plan_freeze(cfg.model, parts, model, cfg.train.epochs)
     group_of = {}
     for g in build_param_groups(model, parts, cfg.optim):
         for p in g["params"]:
             group_of[id(p)] = str(g["name"]).removesuffix(NO_DECAY_SUFFIX)
     params = dict(model.named_parameters())
-    raw, _ = _simulate_all_groups(cfg, steps_per_epoch, (model, parts))
-    drawn: dict[str, list[float]] = {}
+    curves: dict[str, dict[str, list[float]]] = {}  # group -> unit -> its lr at every step
     for unit in plan.units:
-        lrs = raw[f"lr/{group_of[id(params[unit.params[0]])]}"]
+        group = group_of[id(params[unit.params[0]])]
+        lrs = series[f"lr/{group}"]
         if unit.frozen_count == unit.count:  # wholly frozen: 0 until its epoch
             start = len(lrs) if unit.trains_from is None else unit.trains_from * steps_per_epoch
             lrs = [0.0 if s < start else lr for s, lr in enumerate(lrs)]
-        drawn[f"lr/{unit.name}"] = list(lrs)
+        curves.setdefault(group, {})[unit.name] = list(lrs)
+    drawn: dict[str, list[float]] = {}
+    for group, units in curves.items():
+        first = next(iter(units.values()))
+        if all(c == first for c in units.values()):
+            drawn[f"lr/{group}"] = first
+        else:
+            drawn.update({f"lr/{unit}": c for unit, c in units.items()})
     marks = [(epoch * steps_per_epoch, ", ".join(units)) for epoch, units in plan.unfreezes()]
     return drawn, marks
-
-
-def _simulate_all_groups(cfg, steps_per_epoch: int, meta):
-    """`_simulate` without dropping `lr/backbone` under layer decay: every group's key stays."""
-    model, parts = meta
-    groups = build_param_groups(model, parts, cfg.optim)
-    stand_in = [
-        {**{k: v for k, v in g.items() if k != "params"}, "params": [torch.zeros(1, requires_grad=True)]}
-        for g in groups
-    ]
-    optimizer = make_optimizer(stand_in, cfg.optim)
-    schedule = build_schedule(cfg.schedule, optimizer, steps_per_epoch, cfg.train.epochs)
-    series: dict[str, list[float]] = defaultdict(list)
-    for s in range(schedule.total_steps):
-        for i, g in enumerate(optimizer.param_groups):
-            name = str(g.get("name", f"group{i}")).removesuffix(NO_DECAY_SUFFIX)
-            if len(series[f"lr/{name}"]) == s:
-                series[f"lr/{name}"].append(float(g["lr"]))
-        optimizer.step()
-        schedule.step()
-        if (s + 1) % steps_per_epoch == 0:
-            schedule.epoch_end(s // steps_per_epoch, None)
-    return dict(series), schedule.describe()
 
 
 def plot_lrs(

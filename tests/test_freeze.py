@@ -315,11 +315,24 @@ def test_lr_plot_draws_frozen_blocks_at_zero_and_marks_each_unfreeze(tmp_path):
     drawn, marks = drawn_lrs(cfg, 2)
     groups = simulate_lrs(cfg, 2)  # the optimizer's lrs: a frozen group keeps its lr
     assert marks == [(2, "layer1"), (4, "stem")]
-    assert drawn["lr/head"] == groups["lr/head"] and drawn["lr/layer4"] == groups["lr/backbone.layer4"]
-    assert drawn["lr/layer1"] == [0.0, 0.0] + groups["lr/backbone.layer1"][2:]
-    assert drawn["lr/stem"] == [0.0] * 4 + groups["lr/backbone.stem"][4:] and groups["lr/backbone.stem"][0] > 0
+    assert drawn.keys() == groups.keys()  # layer decay: a group per block, drawn as such
+    assert drawn["lr/head"] == groups["lr/head"] and drawn["lr/backbone.layer4"] == groups["lr/backbone.layer4"]
+    assert drawn["lr/backbone.layer1"] == [0.0, 0.0] + groups["lr/backbone.layer1"][2:]
+    stem = groups["lr/backbone.stem"]
+    assert drawn["lr/backbone.stem"] == [0.0] * 4 + stem[4:] and stem[0] > 0
     png, _ = plot_schedule(cfg, 2, tmp_path / "lr.png")
     assert png.read_bytes().startswith(b"\x89PNG")
+    # one backbone group whose blocks unfreeze at different epochs: drawn per block
+    one_group = config_from_dict({**values, "optim": {"lr": 0.01, "head_lr": 0.1}})
+    drawn, _ = drawn_lrs(one_group, 2)
+    backbone = simulate_lrs(one_group, 2)["lr/backbone"]
+    assert set(drawn) == {"lr/stem", "lr/layer1", "lr/layer2", "lr/layer3", "lr/layer4", "lr/head"}
+    assert drawn["lr/layer1"] == [0.0, 0.0] + backbone[2:] and drawn["lr/layer2"] == backbone
+    # freeze_backbone until epoch 1: the backbone group as one series, 0 in epoch 0
+    whole = config_from_dict({**values, "model": {"name": "resnet18", "freeze_backbone": True, "unfreeze_at_epoch": 1}})
+    drawn, marks = drawn_lrs(whole, 2)
+    assert marks == [(2, "stem, layer1, layer2, layer3, layer4")]
+    assert drawn["lr/backbone.stem"][:2] == [0.0, 0.0] and drawn["lr/backbone.stem"][2] > 0
     # nothing frozen: what it drew before
     plain = config_from_dict({**values, "model": {"name": "resnet18"}})
     assert drawn_lrs(plain, 2) == (simulate_lrs(plain, 2), [])

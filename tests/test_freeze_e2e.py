@@ -129,8 +129,9 @@ def test_lr_plot_of_the_reference_config(gradual, runs, tmp_path):
     assert marks == [(3, "layer2"), (6, "layer1")]
     logged = train_logs(runs["p1"])
     assert drawn["lr/head"] == [r["lr/head"] for r in logged]
-    assert drawn["lr/layer4"] == [r["lr/backbone"] for r in logged]  # the block nearest the head
-    assert drawn["lr/stem"] == [0.0] * 9 and drawn["lr/layer2"][:3] == [0.0] * 3 and drawn["lr/layer2"][3] > 0
+    assert drawn["lr/backbone.layer4"] == [r["lr/backbone"] for r in logged]  # the block nearest the head
+    layer2 = drawn["lr/backbone.layer2"]
+    assert drawn["lr/backbone.stem"] == [0.0] * 9 and layer2[:3] == [0.0] * 3 and layer2[3] > 0
     png = lr_plot_command(gradual, [], tmp_path / "lr.png", steps_per_epoch=STEPS_PER_EPOCH)
     assert png.read_bytes().startswith(b"\x89PNG")
 
