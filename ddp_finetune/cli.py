@@ -77,13 +77,14 @@ def _train(args) -> int:
 
 def _config(args) -> int:
     from .config import dump_config, load_config
-    from .preflight import check_inputs
+    from .preflight import check_inputs, what_trains
 
     cfg = load_config(args.config, args.overrides)
     checked = check_inputs(cfg)
     # stdout: exactly the config.yaml a run writes (redirect it to keep it); stderr: what was checked
     print(dump_config(cfg), end="", flush=True)
     print(f"{PROG}: config is valid: " + "; ".join(checked), file=sys.stderr, flush=True)
+    print(what_trains(cfg), file=sys.stderr, flush=True)
     return 0
 
 

@@ -117,11 +117,21 @@ class ModelConfig:
     freeze_bn: bool = False
     """Keep BatchNorm layers in eval mode (running statistics fixed). Needed for identical training across world sizes on CPU, where BatchNorm cannot be synchronized."""
     freeze_backbone: bool = False
-    """Train only the head (feature extraction); the backbone's weights and BatchNorm statistics stay fixed."""
+    """Train only the head (feature extraction); the backbone's weights and BatchNorm statistics stay fixed. The same as `freeze: backbone`."""
     unfreeze_at_epoch: int | None = None
-    """With `freeze_backbone`: the epoch (0-based) from which the backbone trains too (gradual unfreezing)."""
+    """With something frozen (`freeze_backbone`, `freeze`, `freeze_blocks`): the epoch (0-based) from which it all trains too; with `unfreeze_every`, the epoch the first block (nearest the head) does."""
+    freeze: list[str] | Literal["backbone"] | None = None
+    """Parameters that do not train: glob patterns on parameter names or module names (`[conv1, bn1, "layer1.*"]`), or `backbone` (everything but the head: `freeze_backbone`). A pattern that matches nothing is an error naming the closest names; BatchNorms inside frozen modules keep their statistics."""
+    freeze_blocks: int | None = None
+    """Freeze the stem and the first K blocks of the model's block list (the blocks `optim.layer_decay` counts; README table); 0: the stem only."""
+    unfreeze_every: int | None = None
+    """Gradual unfreezing: every this many epochs one more frozen block trains, from the head down, the first at `unfreeze_at_epoch` (or at this epoch when that is null)."""
     sync_bn: bool = False
     """Turn BatchNorm into SyncBatchNorm (CUDA only): statistics of the global batch, the same training at every world size for models that train their BatchNorm. On a CPU use `freeze_bn`."""
+
+    def freezes_anything(self) -> bool:
+        """Whether any parameter is frozen at the start (`freeze_backbone`, `freeze` or `freeze_blocks`)."""
+        return bool(self.freeze_backbone or self.freeze or self.freeze_blocks is not None)
 
     def validate(self) -> None:
         if self.num_classes is not None:
@@ -129,6 +139,15 @@ class ModelConfig:
         if self.unfreeze_at_epoch is not None and self.unfreeze_at_epoch < 0:
             raise UserError(
                 f"model.unfreeze_at_epoch={self.unfreeze_at_epoch} is negative; use an epoch index >= 0 or null"
+            )
+        if self.freeze_blocks is not None and self.freeze_blocks < 0:
+            raise UserError(f"model.freeze_blocks={self.freeze_blocks} is negative; use 0 (the stem) or more, or null")
+        if self.unfreeze_every is not None:
+            _positive("model.unfreeze_every", self.unfreeze_every)
+        if self.freeze_backbone and self.freeze not in (None, "backbone"):
+            raise UserError(
+                f"model.freeze_backbone=true and model.freeze={self.freeze!r} both say what is frozen; "
+                "keep one (model.freeze=backbone is freeze_backbone)"
             )
 
 
@@ -333,11 +352,14 @@ class Config:
                 sub.validate(data_given)
             elif dataclasses.is_dataclass(sub):
                 sub.validate()
-        if self.model.unfreeze_at_epoch is not None:
-            if not self.model.freeze_backbone:
+        if self.model.unfreeze_at_epoch is not None or self.model.unfreeze_every is not None:
+            if not self.model.freezes_anything():
+                key = "unfreeze_at_epoch" if self.model.unfreeze_at_epoch is not None else "unfreeze_every"
                 raise UserError(
-                    "model.unfreeze_at_epoch is set but model.freeze_backbone is false; set model.freeze_backbone=true"
+                    f"model.{key} is set but nothing is frozen; set model.freeze_backbone=true, model.freeze "
+                    "or model.freeze_blocks"
                 )
+        if self.model.unfreeze_at_epoch is not None:
             if self.model.unfreeze_at_epoch >= self.train.epochs:
                 raise UserError(
                     f"model.unfreeze_at_epoch={self.model.unfreeze_at_epoch} is not before train.epochs={self.train.epochs}; "

@@ -18,13 +18,19 @@ from .errors import UserError
 
 def check_inputs(cfg: Config) -> list[str]:
     """Raise `UserError` at the first problem; return one line per check that passed."""
+    from .freeze import plan_freeze
     from .models import build_model
     from .models.weights import is_local
 
     # the architecture on the meta device: model name, task and weights name checked by the code
     # that builds the run, in milliseconds, with no weights read or downloaded
-    build_model(cfg.model, cfg.model.num_classes or 2, cfg.task, image_size=cfg.data.image_size, meta=True)
+    model, parts, _ = build_model(
+        cfg.model, cfg.model.num_classes or 2, cfg.task, image_size=cfg.data.image_size, meta=True
+    )
     done = [f"model.name={cfg.model.name!r} builds for task={cfg.task}"]
+    if cfg.model.freezes_anything():  # the patterns and block count against the model's own names
+        plan_freeze(cfg.model, parts, model, cfg.train.epochs)
+        done.append("model.freeze / freeze_blocks match the model")
 
     weights = cfg.model.weights
     if weights is not None and is_local(weights):
@@ -45,3 +51,14 @@ def check_inputs(cfg: Config) -> list[str]:
     else:
         done.append(f"data.path={path!r} is a folder")
     return done
+
+
+def what_trains(cfg: Config) -> str:
+    """The table of what trains, per block, from the model built on the meta device (`freeze.FreezePlan`)."""
+    from .freeze import plan_freeze
+    from .models import build_model
+
+    model, parts, _ = build_model(
+        cfg.model, cfg.model.num_classes or 2, cfg.task, image_size=cfg.data.image_size, meta=True
+    )
+    return plan_freeze(cfg.model, parts, model, cfg.train.epochs).describe()

@@ -112,7 +112,7 @@ class Run:
     eval_loss_fn: Callable  # the same loss on gathered logits, not synchronized
     classes: Classes
     parts: Parts  # what the package knows of the model: head, blocks, aux-loss weight, normalization
-    freeze: BackboneFreeze  # freeze_backbone / unfreeze_at_epoch / freeze_bn, at the moments it acts
+    freeze: BackboneFreeze  # what is frozen until when (freeze, freeze_blocks, unfreeze_*), freeze_bn; acts at named moments
     guard: NonFiniteGuard  # skips non-finite steps on the device, checked every check_every_n_steps
     steps_per_epoch: int
     report: StartReport  # what only the start-up lines print
@@ -238,7 +238,7 @@ def build_run(cfg: Config, inputs: Inputs | None = None) -> Run:
     # frozen for the whole run: requires_grad=False before DDP wraps the model (saves compute);
     # frozen until an epoch: grads are dropped each step instead, so DDP registers every param.
     # After convert_model: the policy lists the (Sync)BatchNorm modules the model will run.
-    freeze = BackboneFreeze(cfg.model, parts)
+    freeze = BackboneFreeze(cfg.model, parts, model, cfg.train.epochs)  # the plan: a bad pattern stops here
     freeze.before_wrap(model)
     groups = build_param_groups(model, parts, cfg.optim)
     # fused kernels skip a non-finite step on the device; under fp16 the GradScaler skips instead
@@ -306,6 +306,7 @@ def start_lines(run: Run) -> list[str]:
     lines.append(f"{run.report.loader_plan.describe()}; images {run.report.decode_note}, normalized on {a.device.type}")
     lines.append(loss_line(run))
     lines.append(describe_groups(run.report.groups))
+    lines.append(run.freeze.plan.describe())
     lines.append(run.schedule.describe())
     return lines
 

@@ -144,7 +144,7 @@ def optimizer_step(run: Run, micro_batches: list, epoch: int, window: Window) ->
         window.sums[0] += loss.detach().double() * x.shape[0]
         window.sums[1] += x.shape[0]
         step_loss += loss.detach().double() / k
-    run.freeze.after_backward(epoch)  # frozen until an epoch: drop the backbone's grads
+    run.freeze.after_backward(epoch)  # blocks frozen until a later epoch: their grads dropped
     grad_norm = None
     if run.cfg.train.max_grad_norm:
         grad_norm = a.clip_grad_norm_(run.model.parameters(), run.cfg.train.max_grad_norm)

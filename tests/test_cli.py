@@ -201,6 +201,18 @@ def test_config_prints_the_yaml_a_run_writes_and_validates_it(tmp_path, image_fo
     assert proc.stderr.startswith("ddp-finetune: config is valid") and str(image_folder) in proc.stderr
 
 
+def test_config_prints_what_trains_per_block(tmp_path, image_folder):
+    config = tiny_config(tmp_path, image_folder, model={"freeze": ["layer1.*"], "freeze_blocks": 0})
+    proc = run_cli("config", config, "model.unfreeze_every=1", "train.epochs=3")
+    rows = {line.split()[0]: line for line in proc.stderr.splitlines() if line.startswith("  ")}
+    assert "what trains" in proc.stderr and rows["head"].endswith("epoch 0")
+    assert (
+        rows["layer1"].endswith("epoch 1") and rows["stem"].endswith("epoch 2") and rows["layer2"].endswith("epoch 0")
+    )
+    plain = run_cli("config", config, "model.freeze=null", "model.freeze_blocks=null")
+    assert "what trains: every parameter (11,177,538) from epoch 0" in plain.stderr  # 2 classes: no data read
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
@@ -209,6 +221,8 @@ def test_config_prints_the_yaml_a_run_writes_and_validates_it(tmp_path, image_fo
         ("model.weights=IMAGENET1K_V9", "model.weights='IMAGENET1K_V9' is not a weights name of resnet18"),
         ("data.path=/nowhere/at/all", "data.path='/nowhere/at/all' does not exist"),
         ("train.epochs=0", "train.epochs=0 must be a positive number"),
+        ("model.freeze=[layer9]", "model.freeze pattern 'layer9' matches no parameter; closest names: layer"),
+        ("model.freeze_blocks=7", "model.freeze_blocks=7 but the model has 4 blocks after its stem"),
     ],
 )
 def test_config_refuses_what_a_run_would_refuse(tmp_path, image_folder, override, message):
