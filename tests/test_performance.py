@@ -78,3 +78,45 @@ def test_compiled_training_matches_eager(tmp_path, image_folder):
     eager, compiled = load_weights(tmp_path / "eager" / "run"), load_weights(tmp_path / "compiled" / "run")
     assert eager.keys() == compiled.keys(), "final weights are saved without torch.compile's _orig_mod prefix"
     assert max_abs_diff(eager, compiled) < 1e-4
+
+
+def _sync_bn_changes_outputs(model: torch.nn.Module, device: str) -> float:
+    """Largest change of the eval-mode outputs made by `convert_model(..., sync_bn=True, 2 processes)`.
+    In eval mode SyncBatchNorm uses the running statistics and does not communicate, so this runs
+    on a CPU too (the device is only a string to convert_model)."""
+    torch.manual_seed(0)
+    model = model.to(device).eval()
+    for m in model.modules():  # non-trivial statistics, so a dropped BatchNorm detail would show
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 64, 64, device=device)
+    with torch.no_grad():
+        before = model(x).float()
+        converted = performance.convert_model(model, True, "cuda", 2).eval()
+        assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in converted.modules())
+        after = converted(x.contiguous(memory_format=torch.channels_last)).float()
+    return (before - after).abs().max().item()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["resnet18", "timm/mobilenetv3_small_050", "timm/efficientnet_b0"])
+def test_sync_bn_conversion_keeps_what_the_model_computes(device, name):
+    """torch's converter drops timm's BatchNormAct2d activations (issue 26 item 1): the timm models'
+    outputs moved by tens before the fix; now they are the same model before and after."""
+    if name.startswith("timm/"):
+        timm = pytest.importorskip("timm")
+        model = timm.create_model(name.removeprefix("timm/"), pretrained=False, num_classes=5)
+    else:
+        model = getattr(torchvision.models, name)(num_classes=5)
+    assert _sync_bn_changes_outputs(model, device) < 1e-4
+
+
+def test_sync_bn_refuses_a_batchnorm_subclass_it_cannot_convert():
+    class ScaledBN(torch.nn.BatchNorm2d):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), ScaledBN(4))
+    with pytest.raises(UserError, match="ScaledBN"):
+        performance.convert_model(model, True, "cuda", 2)
