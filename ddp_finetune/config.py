@@ -153,7 +153,7 @@ class TrainConfig:
     deterministic: bool = False
     """Deterministic algorithms (bit-identical reruns on the same GPU, slower); false: TF32 and cuDNN autotuning on CUDA."""
     max_nonfinite_steps: int = 5
-    """Stop with an error (exit 2) once this many optimizer steps in a row had non-finite gradients; each such step is skipped, the weights untouched."""
+    """Stop with an error (exit 2) once this many optimizer steps in a row had non-finite gradients; each such step is skipped, the weights untouched. Under fp16 the GradScaler's calibration skips are counted apart (`scaler_skipped_steps`): they count only once the loss scale fell below 1, or persist this many steps past its 16 halvings."""
 
     def validate(self) -> None:
         _positive("train.epochs", self.epochs)

@@ -183,7 +183,10 @@ def build_run(cfg: Config) -> Run:
         parts=parts,
         freeze=freeze,
         load_report=report,
-        guard=NonFiniteGuard(accelerator.device, cfg.train.max_nonfinite_steps, on_device=on_device),
+        # under fp16 the guard reads the GradScaler's scale (on the device) to tell calibration from collapse
+        guard=NonFiniteGuard(
+            accelerator.device, cfg.train.max_nonfinite_steps, on_device=on_device, scaler=accelerator.scaler
+        ),
         steps_per_epoch=steps_per_epoch,
     )
 

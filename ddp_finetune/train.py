@@ -191,6 +191,8 @@ def log_train(run: Run, progress: Progress, log: MetricsLog, window: Window, ste
         record["skipped_step"] = True
     if health.get("nonfinite_steps"):
         record["nonfinite_steps"] = health["nonfinite_steps"]
+    if health.get("scaler_skipped_steps"):  # fp16 loss-scale calibration: expected, counted apart
+        record["scaler_skipped_steps"] = health["scaler_skipped_steps"]
     log.log(record)
     if bar is not None:
         lr = next(iter(step_lrs.values()))
