@@ -83,7 +83,10 @@ def check_batch_sizes(cfg: Config, processes: int) -> None:
 def start_accelerator(cfg: Config):
     """The Accelerator, after every check that needs no data; the run's config.yaml written."""
     accelerator = dist_utils.make_accelerator(
-        cfg.train.mixed_precision, log_with=log_with(cfg), project_dir=cfg.output_dir
+        cfg.train.mixed_precision,
+        log_with=log_with(cfg),
+        project_dir=cfg.output_dir,
+        timeout_minutes=cfg.train.dist_timeout_minutes,
     )
     check_batch_sizes(cfg, accelerator.num_processes)
     device_type = accelerator.device.type
@@ -113,7 +116,7 @@ class Data:
 def build_data(cfg: Config, accelerator) -> Data:
     """Splits (every image checked once), classes, and the torch datasets."""
     # the first rank of each node fills the node's caches (datasets), the others read
-    with accelerator.local_main_process_first():
+    with dist_utils.first_on_each_node(accelerator):
         splits = load_splits(cfg.data, cfg.seed, cfg.task)
     splits = check_images(cfg, splits, cfg.output_dir)  # unreadable images: listed, or dropped with skip
     classes = decide_classes(cfg, splits)
@@ -129,7 +132,7 @@ def build_run(cfg: Config) -> Run:
     accelerator = start_accelerator(cfg)
     device_type = accelerator.device.type
     data = build_data(cfg, accelerator)
-    with accelerator.local_main_process_first():  # the first rank of each node fills $TORCH_HOME
+    with dist_utils.first_on_each_node(accelerator):  # the first rank of each node fills $TORCH_HOME
         set_seed(cfg.seed)  # identical initial weights on every rank
         model, parts, report = build_model(cfg.model, data.classes.outputs, cfg.task, image_size=cfg.data.image_size)
     check_free_space(cfg, model)
