@@ -151,7 +151,7 @@ class TrainConfig:
     compile: bool = False
     """Run the model through `torch.compile` (faster steps after a compilation of a minute or more)."""
     deterministic: bool = False
-    """Deterministic algorithms (bit-identical reruns on the same GPU, slower); false: TF32 and cuDNN autotuning on CUDA."""
+    """Deterministic algorithms (bit-identical reruns on the same GPU, slower; sets CUBLAS_WORKSPACE_CONFIG); an op with no deterministic kernel stops the run with one line naming it (on CUDA: torchvision's segmenters); false: TF32 and cuDNN autotuning on CUDA."""
     max_nonfinite_steps: int = 5
     """Stop with an error (exit 2) once this many optimizer steps in a row had non-finite gradients; each such step is skipped, the weights untouched. Under fp16 the GradScaler's calibration skips are counted apart (`scaler_skipped_steps`): they count only once the loss scale fell below 1, or persist this many steps past its 16 halvings."""
     dist_timeout_minutes: int = 60

@@ -20,6 +20,9 @@ torch.compile. Each is refused with one line where it cannot work.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
 import shutil
 import sys
 
@@ -28,15 +31,46 @@ from torch import nn
 
 from .errors import UserError
 
+# the values cuBLAS is deterministic with (torch refuses a CUDA matmul under deterministic mode otherwise)
+_CUBLAS_DETERMINISTIC = (":4096:8", ":16:8")
+
 
 def configure_backends(cuda: bool, deterministic: bool) -> None:
-    """Process-wide switches, set both ways so an earlier run in the same process leaves nothing behind."""
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    """Process-wide switches, set both ways so an earlier run in the same process leaves nothing behind.
+
+    `train.deterministic: true` means bit-identical reruns, so it is strict: an op without a
+    deterministic kernel raises (turned into one line by `deterministic_refusals`) instead of
+    warning and running nondeterministically (with `warn_only=True`, every torchvision segmenter's
+    bilinear upsampling backward did). cuBLAS needs `CUBLAS_WORKSPACE_CONFIG` set before its first
+    use in the process: set here, before anything runs on the device."""
+    torch.use_deterministic_algorithms(deterministic)
+    if deterministic and cuda and os.environ.get("CUBLAS_WORKSPACE_CONFIG") not in _CUBLAS_DETERMINISTIC:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = _CUBLAS_DETERMINISTIC[0]
     if cuda:
         torch.backends.cudnn.benchmark = not deterministic
         torch.backends.cudnn.deterministic = deterministic
         torch.backends.cuda.matmul.allow_tf32 = not deterministic
         torch.backends.cudnn.allow_tf32 = not deterministic
+
+
+_NO_DETERMINISTIC_KERNEL = re.compile(r"^(\S+) does not have a deterministic implementation")
+
+
+@contextlib.contextmanager
+def deterministic_refusals():
+    """Under `train.deterministic: true`, an op without a deterministic kernel (torch raises when it
+    runs) becomes one line naming the op, instead of a traceback from inside backward."""
+    try:
+        yield
+    except RuntimeError as exc:
+        found = _NO_DETERMINISTIC_KERNEL.match(str(exc))
+        if not found:
+            raise
+        raise UserError(
+            f"train.deterministic=true: the model or loss uses {found.group(1)}, which has no deterministic "
+            "implementation on this device (torchvision's segmenters: bilinear upsampling backward and the "
+            "2-D NLL loss on CUDA); set train.deterministic=false for this model"
+        ) from None
 
 
 def is_conv_net(model: nn.Module) -> bool:

@@ -23,6 +23,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
+from . import performance
 from .config import Config, dump_config
 from .errors import UserError
 from .evaluate import evaluate
@@ -348,7 +349,8 @@ def _fit(cfg: Config) -> dict:
     bar = _progress_bar(run, progress)
     steps_before = progress.step
     try:
-        train_time = _epochs(run, progress, log, watcher, bar)
+        with performance.deterministic_refusals():  # train.deterministic: an op with no deterministic kernel
+            train_time = _epochs(run, progress, log, watcher, bar)
     finally:
         watcher.uninstall()
         if bar is not None:

@@ -3,6 +3,8 @@
 The CUDA variants are the same tests with device "cuda" (skipped without a GPU), so the CPU runs
 keep their code paths alive."""
 
+import os
+
 import pytest
 import torch
 import torchvision
@@ -120,3 +122,95 @@ def test_sync_bn_refuses_a_batchnorm_subclass_it_cannot_convert():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), ScaledBN(4))
     with pytest.raises(UserError, match="ScaledBN"):
         performance.convert_model(model, True, "cuda", 2)
+
+
+def test_deterministic_is_strict_and_sets_the_cublas_workspace(monkeypatch):
+    """issue 26 item 4: `warn_only=True` let ops without a deterministic kernel run (warning only),
+    and cuBLAS's workspace setting was never made: not the bit-identical reruns promised."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    saved_tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        performance.configure_backends(cuda=True, deterministic=True)  # the device is only a flag here
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # the user's deterministic choice is kept
+        performance.configure_backends(cuda=True, deterministic=True)
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved_tf32
+
+
+def test_an_op_without_a_deterministic_kernel_is_one_line():
+    """On a GPU it is bilinear upsampling's backward (every torchvision segmenter); on a CPU `put_`
+    has none either, so the same refusal runs here."""
+    try:
+        torch.use_deterministic_algorithms(True)
+        with pytest.raises(UserError, match=r"train.deterministic=true: the model or loss uses put_, which"):
+            with performance.deterministic_refusals():
+                torch.zeros(4).put_(torch.tensor([0]), torch.tensor([1.0]))
+        with pytest.raises(RuntimeError, match="other"):  # other errors pass through
+            with performance.deterministic_refusals():
+                raise RuntimeError("other")
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def _seg_folder(tmp_path):
+    from datagen import make_mask_disk
+
+    return make_mask_disk(tmp_path / "seg", n=12)
+
+
+DETERMINISTIC_RUNS = {
+    "classification": dict(model={"name": "resnet18"}),
+    "segmentation": dict(
+        task="segmentation",
+        data={"image_size": 32, "source": "disk"},
+        model={"name": "lraspp_mobilenet_v3_large", "freeze_bn": True},
+    ),
+}
+
+
+@pytest.mark.parametrize("task", ["classification", "segmentation"])
+def test_deterministic_reruns_are_bit_identical_on_cpu(tmp_path, image_folder, task):
+    """The strict mode refuses nothing a CPU run uses (the CPU kernels of bilinear backward and NLL are
+    deterministic), and two runs give the same bits."""
+    data = image_folder if task == "classification" else _seg_folder(tmp_path)
+    sections = DETERMINISTIC_RUNS[task]
+    try:
+        for run in ("a", "b"):
+            config = tiny_config(tmp_path / run, data, **sections)
+            fit_in_process(config, "train.max_steps=2", "train.deterministic=true", "data.augment=false")
+    finally:
+        torch.use_deterministic_algorithms(False)
+    a, b = load_weights(tmp_path / "a" / "run"), load_weights(tmp_path / "b" / "run")
+    assert max_abs_diff(a, b) == 0
+
+
+@gpu
+@pytest.mark.gpu
+def test_deterministic_cuda_reruns_are_bit_identical(tmp_path, image_folder):
+    """Two CUDA runs with train.deterministic=true (each its own process: cuBLAS reads its workspace
+    setting once) end with the same bits."""
+    for run in ("a", "b"):
+        config = tiny_config(tmp_path / run, image_folder, **DETERMINISTIC_RUNS["classification"])
+        run_cli("train", config, "train.max_steps=3", "train.deterministic=true")
+    a, b = load_weights(tmp_path / "a" / "run"), load_weights(tmp_path / "b" / "run")
+    assert max_abs_diff(a, b) == 0
+
+
+@gpu
+@pytest.mark.gpu
+def test_deterministic_cuda_segmenter_is_refused_with_one_line(tmp_path):
+    """torchvision's segmenters upsample bilinearly, whose CUDA backward has no deterministic kernel
+    (and the 2-D NLL loss none in its forward): one line naming the op, exit 2."""
+    config = tiny_config(tmp_path, _seg_folder(tmp_path), **DETERMINISTIC_RUNS["segmentation"])
+    proc = run_cli("train", config, "train.max_steps=2", "train.deterministic=true", check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert "train.deterministic=true: the model or loss uses" in lines[0]
