@@ -145,3 +145,20 @@ def test_resume_under_another_precision_keeps_the_optimizer_kernels(tmp_path, na
         assert accelerator.scaler.get_scale() == 2.0**16  # kept, at its initial scale
         accelerator.scaler = None
     assert all(group["fused"] == loaded_fused for group in optimizer.optimizer.param_groups)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("saved, resumed", [("fp16", "bf16"), ("bf16", "fp16"), ("fp16", "no")])
+def test_cuda_resume_under_another_precision(tmp_path, image_folder, saved, resumed):
+    """The GPU end of issue 26 item 2: a checkpoint saved under one train.mixed_precision resumes and
+    finishes under another (fp16's unfused optimizer and GradScaler against the fused one)."""
+    from helpers import run_cli
+
+    config = tiny_config(
+        tmp_path, image_folder, train={"epochs": 2, "mixed_precision": saved}, checkpoint={"every_n_steps": 2}
+    )
+    run_cli("train", config, "train.max_steps=2")
+    proc = run_cli("train", config, "checkpoint.resume=auto", f"train.mixed_precision={resumed}")
+    assert "resumed from" in proc.stdout
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["mixed_precision"] == resumed and summary["steps"] > 2
