@@ -166,3 +166,15 @@ def test_fp16_loss_scale_calibration_is_not_a_failure():
     with pytest.raises(Exception, match=r"3 optimizer steps in a row \(steps 23-25\) had non-finite"):
         _scaler_steps(guard, scaler, w, opt, float("nan"), steps=30, first=step + 1)
     assert scaler.get_scale() == 2.0**-3
+
+
+@pytest.mark.gpu
+def test_cuda_fp16_run_is_not_stopped_by_the_scalers_calibration(tmp_path, image_folder):
+    """The GPU end of issue 26 item 5: with train.max_nonfinite_steps=1 any GradScaler skip used to stop
+    an fp16 run. It finishes now; the skips (if this run's scale calibrates) are logged apart."""
+    config = tiny_config(tmp_path, image_folder, train={"epochs": 2, "mixed_precision": "fp16"})
+    run_cli("train", config, "train.max_nonfinite_steps=1", "train.check_every_n_steps=1")
+    records = [r for r in read_metrics(tmp_path / "run") if r.get("split") == "train"]
+    assert records and not any(r.get("nonfinite_steps") for r in records)
+    skips = max((r.get("scaler_skipped_steps", 0) for r in records), default=0)
+    print(f"GradScaler skipped {skips} steps of {records[-1]['step']}")
