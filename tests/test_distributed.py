@@ -101,3 +101,24 @@ def test_dist_timeout_reaches_the_process_group_and_an_error_on_one_rank_stops_t
         "UserError: rank 0 stopped while this rank waited for it: data.path='/nowhere' does not exist; set data.path"
     )
     assert "ran_block" not in other and other["seconds"] < 30, other
+
+
+def test_dist_timeout_is_the_configs_and_positive(monkeypatch, tmp_path):
+    """start_accelerator hands train.dist_timeout_minutes to make_accelerator; 0 is a one-line error."""
+    from ddp_finetune import run
+    from ddp_finetune.config import config_from_dict
+
+    with pytest.raises(UserError, match="train.dist_timeout_minutes"):
+        config_from_dict({"data": {"path": str(tmp_path)}, "train": {"dist_timeout_minutes": 0}})
+    seen = {}
+
+    def fake_make_accelerator(*args, timeout_minutes, **kwargs):
+        seen["timeout_minutes"] = timeout_minutes
+        raise UserError("stop here")
+
+    monkeypatch.setattr(run.dist_utils, "make_accelerator", fake_make_accelerator)
+    values = {"output_dir": str(tmp_path / "run"), "data": {"path": str(tmp_path)}}
+    cfg = config_from_dict({**values, "train": {"dist_timeout_minutes": 90}})
+    with pytest.raises(UserError, match="stop here"):
+        run.start_accelerator(cfg)
+    assert seen == {"timeout_minutes": 90}
