@@ -23,6 +23,7 @@ from . import distributed as dist_utils
 from .errors import UserError
 from .manifest import STATE_FILE, checkpoint_problem, has_manifest, write_manifest
 from .output_dir import is_disk_full
+from .param_groups import restore_fused
 from .resume_check import check_fits, load_failure
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -160,12 +161,25 @@ def load_checkpoint(accelerator, path: Path, config_text: str | None = None) -> 
     differing keys, not a `load_state_dict` traceback."""
     if config_text is not None:
         check_fits(accelerator, path, config_text)
+    # a run that was not fp16 saved no GradScaler: resumed under fp16, the scaler starts afresh
+    # (Accelerate would otherwise fail on the missing scaler.pt with a traceback)
+    scaler = getattr(accelerator, "scaler", None)
+    fresh_scaler = scaler is not None and not (Path(path) / "scaler.pt").is_file()
+    if fresh_scaler:
+        accelerator.scaler = None
+        dist_utils.print0(f"checkpoint {path} was not saved under fp16: the loss scale starts from its initial value")
     try:
         accelerator.load_state(str(path))
     except (RuntimeError, ValueError, KeyError) as exc:
         if config_text is None:
             raise
         raise load_failure(path, exc, config_text) from None
+    finally:
+        if fresh_scaler:
+            accelerator.scaler = scaler
+    for optimizer in getattr(accelerator, "_optimizers", []):
+        # a checkpoint of another train.mixed_precision holds the other `fused` setting
+        restore_fused(getattr(optimizer, "optimizer", optimizer))
     return json.loads((Path(path) / STATE_FILE).read_text())
 
 

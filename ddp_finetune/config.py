@@ -172,9 +172,11 @@ class TrainConfig:
     compile: bool = False
     """Run the model through `torch.compile` (faster steps after a compilation of a minute or more)."""
     deterministic: bool = False
-    """Deterministic algorithms (bit-identical reruns on the same GPU, slower); false: TF32 and cuDNN autotuning on CUDA."""
+    """Deterministic algorithms (bit-identical reruns on the same GPU, slower; sets CUBLAS_WORKSPACE_CONFIG); an op with no deterministic kernel stops the run with one line naming it (on CUDA: torchvision's segmenters); false: TF32 and cuDNN autotuning on CUDA."""
     max_nonfinite_steps: int = 5
-    """Stop with an error (exit 2) once this many optimizer steps in a row had non-finite gradients; each such step is skipped, the weights untouched."""
+    """Stop with an error (exit 2) once this many optimizer steps in a row had non-finite gradients; each such step is skipped, the weights untouched. Under fp16 the GradScaler's calibration skips are counted apart (`scaler_skipped_steps`): they count only once the loss scale fell below 1, or persist this many steps past its 16 halvings."""
+    dist_timeout_minutes: int = 60
+    """How long a rank waits in a collective (NCCL, gloo) for the others before the run fails; long enough for the first start-up on a large dataset, when one rank per node builds the caches while the others wait. An error on one rank stops the others at once, whatever this is."""
 
     def validate(self) -> None:
         _positive("train.epochs", self.epochs)
@@ -188,6 +190,7 @@ class TrainConfig:
             _positive("train.max_steps", self.max_steps)
         _positive("train.check_every_n_steps", self.check_every_n_steps)
         _positive("train.max_nonfinite_steps", self.max_nonfinite_steps)
+        _positive("train.dist_timeout_minutes", self.dist_timeout_minutes)
         if self.batch_size % self.grad_accum:
             raise UserError(
                 f"train.batch_size={self.batch_size} does not divide by train.grad_accum={self.grad_accum}; "

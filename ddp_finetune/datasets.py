@@ -110,7 +110,9 @@ class ImageDataset(Dataset):
         if data is not None and is_jpeg(data):
             size = jpeg_size(data)
             if size is not None:  # the header says nvJPEG can decode it
-                return EncodedImage(as_byte_tensor(data), self.crop(epoch, index, *size), self.size)
+                path = cell.get("path") if isinstance(cell, dict) else None
+                name = path or f"row {index}"  # named if nvJPEG rejects it after all
+                return EncodedImage(as_byte_tensor(data), self.crop(epoch, index, *size), self.size, name)
         image = decode_rgb(
             cell, f"row {index}"
         )  # not a JPEG nvJPEG takes: decoded here, cropped on the device all the same

@@ -16,6 +16,7 @@ compute the same thing on every rank.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 
 import torch
@@ -49,7 +50,7 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def make_accelerator(mixed_precision: str = "no", log_with=None, project_dir=None):
+def make_accelerator(mixed_precision: str = "no", log_with=None, project_dir=None, timeout_minutes: float = 60):
     """Build the Accelerator so that a launcher's N processes really are N ranks.
 
     Without CUDA, `Accelerator()` silently gives every process `num_processes == 1` under
@@ -57,9 +58,14 @@ def make_accelerator(mixed_precision: str = "no", log_with=None, project_dir=Non
     and then compare with the launcher's `WORLD_SIZE`. Gradient accumulation is the loop's own
     (`train.optimizer_step` sees a whole optimizer step's micro-batches at once), so the
     Accelerator is built without it.
+
+    `timeout_minutes` (`train.dist_timeout_minutes`) is how long a collective waits for the slowest
+    rank before the run fails. NCCL's default is 10 minutes (gloo's 30), shorter than a large
+    dataset's first start-up, when the first rank of each node builds the caches while the others
+    wait (`first_on_each_node`); an error on that rank reaches the others at once instead.
     """
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+    from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration
 
     cuda = torch.cuda.is_available()
     if mixed_precision == "fp16" and not cuda:
@@ -75,6 +81,7 @@ def make_accelerator(mixed_precision: str = "no", log_with=None, project_dir=Non
         dataloader_config=DataLoaderConfiguration(split_batches=True, non_blocking=True),
         log_with=log_with,
         project_config=ProjectConfiguration(project_dir=project_dir) if project_dir else None,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=timeout_minutes))],
     )
     check_world_size(accelerator.num_processes)
     return accelerator
@@ -102,6 +109,45 @@ def check_world_size(num_processes: int) -> None:
             f"{num_processes}; on CPU launch with `accelerate launch --multi_gpu --num_processes N` "
             "(not --cpu), see README 'Multi-process on CPU'"
         )
+
+
+@contextlib.contextmanager
+def first_on_each_node(accelerator):
+    """The block runs on the first rank of each node, then on the others (what Accelerate's
+    `local_main_process_first` does: caches and downloads filled once per node), and a failure of
+    the block on any rank stops every rank at once with the same line.
+
+    With Accelerate's version, the ranks that wait sit in a barrier that the failed rank never
+    reaches: on other nodes nothing ends them but `train.dist_timeout_minutes`. Here the barrier
+    is an all-gather of each first rank's outcome (None, or its error's line), so the waiting ranks
+    learn of the error and raise a `UserError` naming the rank and its message."""
+    if not is_distributed() or world_size() == 1:
+        yield
+        return
+    if accelerator.is_local_main_process:
+        try:
+            yield
+        except BaseException as exc:
+            _share_outcome(exc)
+            raise
+        _share_outcome(None)
+    else:
+        _share_outcome(None)  # raises when a first rank failed: the block is not run
+        yield
+
+
+def _share_outcome(exc: BaseException | None) -> None:
+    from .errors import first_line
+
+    line = (
+        None
+        if exc is None
+        else (str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {first_line(exc)}")
+    )
+    failed = [(r, text) for r, text in enumerate(gather_objects(line)) if text is not None]
+    if failed and exc is None:
+        r, text = failed[0]
+        raise UserError(f"rank {r} stopped while this rank waited for it: {text}")
 
 
 def destroy_process_group() -> None:

@@ -115,7 +115,7 @@ def evaluate_model(model_path, data=None, split=None, out=None, overrides=()) ->
             f"train.eval_batch_size={batch} does not divide by {accelerator.num_processes} processes; "
             f"use a multiple of {accelerator.num_processes}"
         )
-    with accelerator.local_main_process_first():
+    with dist_utils.first_on_each_node(accelerator):
         chosen = choose_split(cfg, data, split)
     out_dir = Path(out) if out else _default_out(loaded, chosen.tag)
     if accelerator.is_main_process:

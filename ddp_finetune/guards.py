@@ -15,7 +15,13 @@ fused optimizers. Nothing waits for the device on an ordinary step; the counters
 in a row, in total, the last finite loss) stay on the device until `check`.
 
 Under fp16, Accelerate's GradScaler does the skipping (and its own per-step overflow read);
-the guard then only counts the steps it reports as skipped (`on_device=False`).
+the guard then only counts the steps it reports as skipped (`on_device=False`, `scaler=`).
+Those skips are expected: the scaler starts at 2^16 and halves on each overflow until the
+gradients fit (about 5 skips to ~2^11 on a healthy run, more after each growth), so they are
+counted apart (`scaler_skipped_steps`) and do not count toward `limit`. A skip counts as a
+non-finite step only once the scale has collapsed below 1 (even unscaled, the fp16 gradients
+overflow: a NaN / inf loss halves the scale on every step); and skips that persist for `limit`
+steps beyond the scaler's whole calibration range (`SCALER_CALIBRATION_SKIPS`) stop the run too.
 """
 
 from __future__ import annotations
@@ -24,12 +30,15 @@ import torch
 
 from .errors import UserError
 
+# halvings from GradScaler's initial scale 2^16 down to 1: the skips a calibration may take
+SCALER_CALIBRATION_SKIPS = 16
+
 
 class NonFiniteGuard:
-    def __init__(self, device, limit: int, on_device: bool = True):
-        self.limit, self.on_device = limit, on_device
-        # [skipped in a row, skipped in total, last finite step loss]
-        self.counts = torch.zeros(3, dtype=torch.float64, device=device)
+    def __init__(self, device, limit: int, on_device: bool = True, scaler=None):
+        self.limit, self.on_device, self.scaler = limit, on_device, scaler
+        # [non-finite in a row, non-finite in total, last finite step loss, scaler skips in total, in a row]
+        self.counts = torch.zeros(5, dtype=torch.float64, device=device)
         self.counts[2] = float("nan")
         self._found: torch.Tensor | None = None
 
@@ -54,15 +63,36 @@ class NonFiniteGuard:
                 del optimizer.found_inf
             found = self._found.to(torch.float64) if self._found is not None else None
         else:
-            found = torch.tensor(float(skipped_by_scaler), dtype=torch.float64, device=self.counts.device)
+            found = self._count_scaler_skip(float(skipped_by_scaler))
         if found is None:
             return
         self.counts[0] = (self.counts[0] + 1) * found  # consecutive skips, reset by a real step
         self.counts[1] += found
 
+    def _count_scaler_skip(self, skipped: float) -> torch.Tensor:
+        """Count a GradScaler skip (a host bool Accelerate has read already; arithmetic with a Python
+        number copies nothing). Returns whether it is a non-finite step: the scale, as the scaler's
+        update left it, is below 1."""
+        self.counts[4] = (self.counts[4] + 1) * skipped
+        self.counts[3] += skipped
+        scale = getattr(self.scaler, "_scale", None)  # the device tensor behind get_scale(), which would sync
+        if scale is None:
+            return torch.zeros((), dtype=torch.float64, device=self.counts.device)
+        collapsed = (scale.reshape(()).to(self.counts.device) < 1.0).to(torch.float64)
+        return collapsed * skipped
+
     def check(self, step: int) -> dict:
-        """Read the counters (one small device-to-host copy); raise once `limit` steps in a row were skipped."""
-        in_a_row, total, last_loss = self.counts.tolist()
+        """Read the counters (one small device-to-host copy); raise once `limit` steps in a row were skipped
+        as non-finite, or (fp16) the GradScaler kept skipping `limit` steps past its calibration."""
+        in_a_row, total, last_loss, scaler_total, scaler_in_a_row = self.counts.tolist()
+        if not self.on_device and scaler_in_a_row >= self.limit + SCALER_CALIBRATION_SKIPS and in_a_row < self.limit:
+            first = step - int(scaler_in_a_row) + 1
+            raise UserError(
+                f"fp16 loss scaling skipped {int(scaler_in_a_row)} optimizer steps in a row (steps {first}-{step}), "
+                f"{self.limit} more than its calibration can take (train.max_nonfinite_steps={self.limit}); the "
+                "gradients overflow fp16 at every scale: use train.mixed_precision=bf16, lower optim.lr or set "
+                "train.max_grad_norm"
+            )
         if in_a_row >= self.limit:
             first = step - int(in_a_row) + 1
             last = f"{last_loss:.6g}" if last_loss == last_loss else "none yet"
@@ -71,7 +101,10 @@ class NonFiniteGuard:
                 f"skipped (train.max_nonfinite_steps={self.limit}); last finite loss {last}; the weights were not "
                 "updated by them: lower optim.lr, set train.max_grad_norm, or check the data and the loss"
             )
-        return {"nonfinite_steps": int(total)}
+        health = {"nonfinite_steps": int(total)}
+        if not self.on_device:
+            health["scaler_skipped_steps"] = int(scaler_total)
+        return health
 
 
 def all_finite(module: torch.nn.Module) -> bool:

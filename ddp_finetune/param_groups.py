@@ -148,6 +148,31 @@ def make_optimizer(groups: list[dict], optim_cfg, fused: bool = False) -> torch.
     raise UserError(f"optim.name={optim_cfg.name!r} is not one of sgd, adamw")
 
 
+def restore_fused(optimizer: torch.optim.Optimizer) -> None:
+    """Give a loaded optimizer back the kernels it was built with (call after `load_state_dict`).
+
+    `load_state_dict` takes every group setting from the checkpoint, `fused` included: an fp16 run's
+    unfused optimizer, resumed under bf16 or no precision (fused, stepped with the guard's
+    `found_inf`), failed at its first step with "Expected grad_scale and found_inf to be None"
+    (issue 26 item 2). The constructor's choice is kept in `optimizer.defaults`; this puts it back
+    in the groups, moves AdamW's `step` counters where that kernel wants them (fused: float32 on
+    the parameter's device; unfused: on the CPU, where reading it costs no host sync), and gives
+    fused SGD the zero momentum buffers `make_optimizer` starts it with."""
+    fused = bool(optimizer.defaults.get("fused"))
+    for group in optimizer.param_groups:
+        if "fused" not in group:
+            continue
+        group["fused"] = fused
+        on_device = fused or bool(group.get("capturable"))
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if state and torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].to(device=p.device if on_device else "cpu", dtype=torch.float32)
+            if fused and isinstance(optimizer, torch.optim.SGD) and group["momentum"] and p.requires_grad:
+                if optimizer.state[p].get("momentum_buffer") is None:
+                    optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
 def lr_log(optimizer: torch.optim.Optimizer, per_block: bool = False) -> dict[str, float]:
     """Current learning rates to log: `lr/head` and `lr/backbone`.
 

@@ -24,6 +24,7 @@ _FREE_TO_CHANGE = (
     "log.",
     "train.max_steps",
     "train.epochs",
+    "train.dist_timeout_minutes",
     "data.num_workers",
     "data.bad_images",
 )

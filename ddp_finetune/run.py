@@ -147,7 +147,10 @@ def check_batch_sizes(cfg: Config, processes: int) -> None:
 def start_accelerator(cfg: Config, custom_model: bool = False):
     """The Accelerator, after every check that needs no data; the run's config.yaml written."""
     accelerator = dist_utils.make_accelerator(
-        cfg.train.mixed_precision, log_with=log_with(cfg), project_dir=cfg.output_dir
+        cfg.train.mixed_precision,
+        log_with=log_with(cfg),
+        project_dir=cfg.output_dir,
+        timeout_minutes=cfg.train.dist_timeout_minutes,
     )
     check_batch_sizes(cfg, accelerator.num_processes)
     device_type = accelerator.device.type
@@ -189,7 +192,7 @@ def build_data(cfg: Config, accelerator, inputs: Inputs | None = None) -> Data:
             raw[cfg.data.val_split or "validation"] = inputs.val_data
         raw = datasets.DatasetDict(raw)
     # the first rank of each node fills the node's caches (datasets), the others read
-    with accelerator.local_main_process_first():
+    with dist_utils.first_on_each_node(accelerator):
         splits = load_splits(cfg.data, cfg.seed, cfg.task, raw=raw)
     splits = check_images(cfg, splits, cfg.output_dir)  # unreadable images: listed, or dropped with skip
     classes = decide_classes(cfg, splits)
@@ -219,7 +222,7 @@ def build_run(cfg: Config, inputs: Inputs | None = None) -> Run:
     accelerator = start_accelerator(cfg, custom_model=inputs.model is not None)
     device_type = accelerator.device.type
     data = build_data(cfg, accelerator, inputs)
-    with accelerator.local_main_process_first():  # the first rank of each node fills $TORCH_HOME
+    with dist_utils.first_on_each_node(accelerator):  # the first rank of each node fills $TORCH_HOME
         set_seed(cfg.seed)  # identical initial weights on every rank
         if inputs.model is None:
             model, parts, report = build_model(
@@ -276,7 +279,10 @@ def build_run(cfg: Config, inputs: Inputs | None = None) -> Run:
         classes=data.classes,
         parts=parts,
         freeze=freeze,
-        guard=NonFiniteGuard(accelerator.device, cfg.train.max_nonfinite_steps, on_device=on_device),
+        # under fp16 the guard reads the GradScaler's scale (on the device) to tell calibration from collapse
+        guard=NonFiniteGuard(
+            accelerator.device, cfg.train.max_nonfinite_steps, on_device=on_device, scaler=accelerator.scaler
+        ),
         steps_per_epoch=steps_per_epoch,
         report=StartReport(data.splits, report, loader_plan, data.decode_note, groups),
         inputs=inputs,

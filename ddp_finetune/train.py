@@ -23,6 +23,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
+from . import performance
 from .config import Config, dump_config
 from .errors import UserError
 from .evaluate import evaluate
@@ -191,6 +192,8 @@ def log_train(run: Run, progress: Progress, log: MetricsLog, window: Window, ste
         record["skipped_step"] = True
     if health.get("nonfinite_steps"):
         record["nonfinite_steps"] = health["nonfinite_steps"]
+    if health.get("scaler_skipped_steps"):  # fp16 loss-scale calibration: expected, counted apart
+        record["scaler_skipped_steps"] = health["scaler_skipped_steps"]
     log.log(record)
     if bar is not None:
         lr = next(iter(step_lrs.values()))
@@ -369,7 +372,8 @@ def _fit(cfg: Config, inputs: Inputs) -> dict:
     bar = _progress_bar(run, progress)
     steps_before = progress.step
     try:
-        train_time = _epochs(run, progress, log, watcher, bar)
+        with performance.deterministic_refusals():  # train.deterministic: an op with no deterministic kernel
+            train_time = _epochs(run, progress, log, watcher, bar)
     finally:
         watcher.uninstall()
         if bar is not None:

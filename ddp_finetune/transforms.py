@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -118,11 +118,13 @@ def _typed(image: torch.Tensor, mask: bool):
 @dataclass
 class EncodedImage:
     """One sample for the device to decode (`data.decode: gpu`): a JPEG file's bytes (1-D uint8), or the
-    image a worker decoded because nvJPEG cannot take it (uint8 (3, H, W)); its `Crop` (None: evaluation)."""
+    image a worker decoded because nvJPEG cannot take it (uint8 (3, H, W)); its `Crop` (None: evaluation);
+    `name`: its file (or row), for the line that says nvJPEG could not decode it."""
 
     data: torch.Tensor
     crop: Crop | None
     size: int
+    name: str = "an image"
 
 
 @dataclass
@@ -136,6 +138,7 @@ class EncodedBatch:
     decoded: dict[int, torch.Tensor]
     crops: torch.Tensor | None
     size: int
+    names: list[str] = field(default_factory=list)
 
     @classmethod
     def collate(cls, samples: list[EncodedImage]) -> EncodedBatch:
@@ -147,6 +150,7 @@ class EncodedBatch:
             decoded={i: s.data for i, s in enumerate(samples) if s.data.ndim != 1},
             crops=torch.tensor(crops, dtype=torch.int64) if crops else None,
             size=samples[0].size,
+            names=[s.name for s in samples],
         )
 
     def __len__(self) -> int:
@@ -156,25 +160,78 @@ class EncodedBatch:
         return self  # stays on the host: the decoder copies the (compressed, small) files itself
 
     def pin_memory(self, device=None) -> EncodedBatch:
+        # the loader's pinning thread: the images the workers decoded, so their copy to the device
+        # does not make the host wait (the JPEG files stay pageable: the decoder reads them on the host)
+        self.decoded = {i: image.pin_memory() for i, image in self.decoded.items()}
         return self
 
     def decode(self, device) -> torch.Tensor:
         """uint8 (N, 3, S, S) on `device`: the JPEGs decoded together (nvJPEG on CUDA), then each sample's view."""
-        from torchvision.io import ImageReadMode, decode_jpeg
-
         jpegs = [i for i, n in enumerate(self.lengths) if n]
         parts = torch.split(self.files, [self.lengths[i] for i in jpegs]) if jpegs else []
-        images = dict(self.decoded)
+        device = torch.device(device)
+        # non_blocking: pinned (see pin_memory) -> queued on the stream, no host wait; unpinned -> a plain copy
+        images = {i: image.to(device, non_blocking=True) for i, image in self.decoded.items()}
+        names = self.names or [f"image {i} of the batch" for i in range(len(self))]
         if jpegs:
-            decoded = decode_jpeg(list(parts), mode=ImageReadMode.RGB, device=device)
-            images.update(zip(jpegs, decoded))
-        rows = self.crops.tolist() if self.crops is not None else [None] * len(self)
+            images.update(zip(jpegs, _decode_jpegs(list(parts), [names[i] for i in jpegs], device)))
+        rows = self.crops.tolist() if self.crops is not None else [None] * len(self)  # a host tensor: no sync
         views = []
         for i, row in enumerate(rows):
-            image = images[i].to(device)
             crop = Crop(*row[:4], bool(row[4])) if row is not None else None
-            views.append(train_view(image, crop, self.size) if crop else eval_view(image, self.size))
+            views.append(train_view(images[i], crop, self.size) if crop else eval_view(images[i], self.size))
         return torch.stack(views)
+
+
+_FELL_BACK: set[str] = set()  # files already reported as decoded on the CPU (once per file and process)
+
+
+def _decode_jpegs(parts: list[torch.Tensor], names: list[str], device: torch.device) -> list[torch.Tensor]:
+    """The JPEG files decoded on `device` (nvJPEG on CUDA), all at once; one that the device's decoder
+    rejects (nvJPEG refuses some files PIL and libjpeg-turbo read: unusual chroma subsampling,
+    arithmetic coding) fails the whole call, so then each file is tried alone and a rejected one is
+    decoded on the CPU like the workers' images (same pixels size, so the same crop), said once per
+    file on stderr. A file no decoder reads (the start-up check decodes every image, so only one
+    changed since) is a UserError naming it."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        return list(decode_jpeg(parts, mode=ImageReadMode.RGB, device=device))
+    except RuntimeError:
+        pass
+    out = []
+    for data, name in zip(parts, names):
+        try:
+            out.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+        except RuntimeError as exc:
+            out.append(_decode_on_cpu(data, name, exc).to(device, non_blocking=True))
+    return out
+
+
+def _decode_on_cpu(data: torch.Tensor, name: str, exc: RuntimeError) -> torch.Tensor:
+    import sys
+
+    from .errors import UserError, first_line
+    from .images import decode_rgb
+
+    try:
+        image = decode_rgb({"bytes": data.numpy().tobytes(), "path": None}, name)
+    except UserError:
+        raise
+    except Exception as cpu_exc:
+        raise UserError(
+            f"{name} does not decode ({first_line(cpu_exc)}); replace or remove the file, or set data.bad_images=skip "
+            "and restart so the start-up check drops it"
+        ) from None
+    if name not in _FELL_BACK:
+        _FELL_BACK.add(name)
+        print(
+            f"ddp-finetune: nvJPEG cannot decode {name} ({first_line(exc)[:160]}); decoded on the CPU instead",
+            file=sys.stderr,
+            flush=True,
+        )
+    # pinned, so the copy to the device is queued rather than waited for
+    return image.pin_memory() if torch.cuda.is_available() else image
 
 
 class DeviceInput:

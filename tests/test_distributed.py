@@ -1,9 +1,11 @@
 """The guards around the Accelerator (the launcher's process count is the one we train with) and
 the process group's teardown on every way out of the CLI."""
 
+import json
+
 import pytest
 import torch.distributed as dist
-from helpers import free_port, fresh_accelerate, tiny_config
+from helpers import ROOT, free_port, fresh_accelerate, run_script_2proc, tiny_config
 
 from ddp_finetune.distributed import check_world_size
 from ddp_finetune.errors import UserError
@@ -85,3 +87,38 @@ def test_only_distributed_py_reads_the_launcher_or_calls_torch_distributed():
     ]
     assert offenders == []
     assert forbidden.search('rank = int(os.environ.get("RANK", "0"))')  # the pattern does catch a reader
+
+
+def test_dist_timeout_reaches_the_process_group_and_an_error_on_one_rank_stops_the_others(tmp_path):
+    """issue 26 item 3: the process group gets `train.dist_timeout_minutes` (NCCL's default 10 minutes
+    killed a large dataset's first start-up); the longer wait must not keep the ranks that wait for
+    a failed first rank waiting: they stop at once with its line."""
+    run_script_2proc(ROOT / "tests" / "scripts" / "rank_failure_2proc.py", tmp_path)
+    first, other = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert first["timeout_s"] == other["timeout_s"] == 60
+    assert first["raised"].startswith("UserError: data.path='/nowhere'")
+    assert other["raised"] == (
+        "UserError: rank 0 stopped while this rank waited for it: data.path='/nowhere' does not exist; set data.path"
+    )
+    assert "ran_block" not in other and other["seconds"] < 30, other
+
+
+def test_dist_timeout_is_the_configs_and_positive(monkeypatch, tmp_path):
+    """start_accelerator hands train.dist_timeout_minutes to make_accelerator; 0 is a one-line error."""
+    from ddp_finetune import run
+    from ddp_finetune.config import config_from_dict
+
+    with pytest.raises(UserError, match="train.dist_timeout_minutes"):
+        config_from_dict({"data": {"path": str(tmp_path)}, "train": {"dist_timeout_minutes": 0}})
+    seen = {}
+
+    def fake_make_accelerator(*args, timeout_minutes, **kwargs):
+        seen["timeout_minutes"] = timeout_minutes
+        raise UserError("stop here")
+
+    monkeypatch.setattr(run.dist_utils, "make_accelerator", fake_make_accelerator)
+    values = {"output_dir": str(tmp_path / "run"), "data": {"path": str(tmp_path)}}
+    cfg = config_from_dict({**values, "train": {"dist_timeout_minutes": 90}})
+    with pytest.raises(UserError, match="stop here"):
+        run.start_accelerator(cfg)
+    assert seen == {"timeout_minutes": 90}

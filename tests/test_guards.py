@@ -128,3 +128,53 @@ def test_all_finite_looks_at_buffers_too():
     bn.running_mean[1] = float("nan")
     assert not all_finite(bn)
     assert json.dumps(True)
+
+
+def _scaler_steps(guard, scaler, w, opt, factor: float, steps: int, first: int) -> int:
+    """Steps the way Accelerate takes them under fp16 (scale, backward, scaler.step, update), each
+    reported to the guard as skipped or not, checked every step; returns the last step taken."""
+    step = first - 1
+    for step in range(first, first + steps):
+        loss = w.sum() * factor
+        scaler.scale(loss).backward()
+        before = scaler.get_scale()
+        guard.before_update(opt, [w.grad], None, loss)  # the step's loss, for the error message
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        guard.after_update(opt, skipped_by_scaler=scaler.get_scale() < before)  # halved: the step was skipped
+        guard.check(step)
+    return step
+
+
+def test_fp16_loss_scale_calibration_is_not_a_failure():
+    """GradScaler halves its scale from 2^16 on each overflow until the gradients fit (issue 26 item 5):
+    those skips are expected and counted apart; they used to count toward train.max_nonfinite_steps
+    and stopped a healthy fp16 run. A NaN loss still stops the run once the scale has collapsed.
+    A CPU GradScaler with gradients of 2^115 plays fp16's overflow: they overflow float32 at scales
+    of 2^13 and above, so the first 4 steps are skipped."""
+    w = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([w], lr=2.0**-120)
+    scaler = torch.amp.GradScaler("cpu")
+    guard = NonFiniteGuard("cpu", limit=3, on_device=False, scaler=scaler)
+    step = _scaler_steps(guard, scaler, w, opt, 2.0**115, steps=10, first=1)
+    assert scaler.get_scale() == 2.0**12
+    assert guard.check(step) == {"nonfinite_steps": 0, "scaler_skipped_steps": 4}
+    assert torch.all(w != 0)  # the steps after the calibration trained
+
+    # every step NaN from now on: each one halves the scale; below 1 they are non-finite steps
+    with pytest.raises(Exception, match=r"3 optimizer steps in a row \(steps 23-25\) had non-finite"):
+        _scaler_steps(guard, scaler, w, opt, float("nan"), steps=30, first=step + 1)
+    assert scaler.get_scale() == 2.0**-3
+
+
+@pytest.mark.gpu
+def test_cuda_fp16_run_is_not_stopped_by_the_scalers_calibration(tmp_path, image_folder):
+    """The GPU end of issue 26 item 5: with train.max_nonfinite_steps=1 any GradScaler skip used to stop
+    an fp16 run. It finishes now; the skips (if this run's scale calibrates) are logged apart."""
+    config = tiny_config(tmp_path, image_folder, train={"epochs": 2, "mixed_precision": "fp16"})
+    run_cli("train", config, "train.max_nonfinite_steps=1", "train.check_every_n_steps=1")
+    records = [r for r in read_metrics(tmp_path / "run") if r.get("split") == "train"]
+    assert records and not any(r.get("nonfinite_steps") for r in records)
+    skips = max((r.get("scaler_skipped_steps", 0) for r in records), default=0)
+    print(f"GradScaler skipped {skips} steps of {records[-1]['step']}")

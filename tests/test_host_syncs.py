@@ -2,7 +2,10 @@
 checkpoint and epoch-end steps) may wait for the device.
 
 The counting is done by tests/scripts/sync_counter.py (see its docstring for what counts as a sync
-on a CPU); the GPU twin with torch.cuda.set_sync_debug_mode("error") is in benchmarks/device_check.sh.
+on a CPU); the GPU twin, `test_cuda_ordinary_steps_do_not_sync` (tests/scripts/cuda_sync_check.py:
+torch.cuda.set_sync_debug_mode("error") on every ordinary step), is a `gpu` test that
+benchmarks/device_check.sh runs. fp16 is left out there: Accelerate reads the GradScaler's skip
+flag after every step (README, Speed and mixed precision).
 """
 
 import json
@@ -11,10 +14,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from datagen import make_image_folder
+import torch
+from datagen import make_image_folder, make_jpeg_folder
 from helpers import ROOT, accelerate_launch_cmd, child_env, tiny_config
 
 SCRIPT = ROOT / "tests" / "scripts" / "sync_counter.py"
+CUDA_SCRIPT = ROOT / "tests" / "scripts" / "cuda_sync_check.py"
 
 
 def _config(tmp_path, **sections):
@@ -77,3 +82,39 @@ def test_two_processes_with_accumulation_sync_only_on_check_steps(tmp_path):
     assert len(reports) == 2
     for report in reports:
         _assert_no_sync_off_check_steps(report, 18)
+
+
+CUDA_CASES = {
+    "fp32": ["train.mixed_precision=no"],
+    "bf16": ["train.mixed_precision=bf16"],
+    "max_grad_norm": ["train.max_grad_norm=1.0", "train.grad_accum=2"],
+    "decode_gpu": ["data.decode=gpu"],
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", list(CUDA_CASES))
+def test_cuda_ordinary_steps_do_not_sync(tmp_path, case):
+    """issue 26 item 7: on a GPU, any synchronizing call on an ordinary step raises (set_sync_debug_mode
+    "error"), from torch's, Accelerate's or our code, data loading with workers and pinned memory
+    included. The run must finish; the check steps are the CPU test's."""
+    data = {"num_workers": 2}
+    if case == "decode_gpu":  # nvJPEG wants JPEG files
+        jpegs = make_jpeg_folder(tmp_path / "jpegs", classes=("cat", "dog", "fox"), per_class=16, height=24, width=24)
+        data["path"] = str(jpegs)
+    config = _config(tmp_path, data=data)
+    out = tmp_path / "cuda_syncs.json"
+    proc = subprocess.run(
+        [sys.executable, str(CUDA_SCRIPT), str(config), str(out), *CUDA_CASES[case]],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert report["mode_catches_item"]
+    assert sorted(report["check"]) == [5, 8, 9, 10, 15, 16, 18]
+    assert sorted(report["ordinary"]) == [1, 2, 3, 4, 6, 7, 11, 12, 13, 14, 17]

@@ -83,6 +83,57 @@ def test_device_decoding_gives_the_cpu_paths_crops_and_pixels(jpeg_folder, devic
     _assert_near(val.cpu(), torch.stack([cpu_val[i][0] for i in range(len(cpu_val))]), exact=device == "cpu")
 
 
+def _rejecting(real, bad: torch.Tensor):
+    """`torchvision.io.decode_jpeg` as nvJPEG behaves with a file it cannot take: the call with that file
+    raises, for a list as for the file alone (what a batched nvJPEG decode does)."""
+
+    def decode_jpeg(input, *args, **kwargs):
+        files = input if isinstance(input, list) else [input]
+        if any(f.numel() == bad.numel() and torch.equal(f, bad) for f in files):
+            raise RuntimeError("nvjpegDecodeBatched failed: 6 (unsupported JPEG)")
+        return real(input, *args, **kwargs)
+
+    return decode_jpeg
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_jpeg_the_device_rejects_is_decoded_on_the_cpu_with_its_crop(jpeg_folder, device, monkeypatch, capsys):
+    """issue 26 item 6: one file nvJPEG rejects failed the whole batch with a traceback naming no file.
+    Now that image is decoded on the CPU (same crop), the batch is the one the workers would make,
+    and the file is named once."""
+    import torchvision.io
+
+    cpu_train, _ = _datasets(jpeg_folder, on_device=False)
+    dev_train, _ = _datasets(jpeg_folder, on_device=True)
+    keys = [(1, i) for i in range(8)]
+    encoded = [dev_train[k][0] for k in keys]
+    bad = next(e for e in encoded if e.data.ndim == 1)
+    assert bad.name.endswith(".jpg") and os.path.isfile(bad.name)
+    expected = torch.stack([cpu_train[k][0] for k in keys])
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", _rejecting(torchvision.io.decode_jpeg, bad.data))
+    capsys.readouterr()
+    got = EncodedBatch.collate(encoded).decode(device)
+    _assert_near(got.cpu(), expected, exact=device == "cpu")
+    said = capsys.readouterr().err.strip().splitlines()
+    assert len(said) == 1 and bad.name in said[0] and "decoded on the CPU" in said[0], said
+    again = EncodedBatch.collate(encoded).decode(device)  # said once per file
+    assert torch.equal(again, got) and capsys.readouterr().err == ""
+
+
+def test_a_file_no_decoder_reads_is_one_line_naming_it(jpeg_folder, monkeypatch):
+    import torchvision.io
+
+    from ddp_finetune.errors import UserError
+    from ddp_finetune.transforms import Crop, EncodedImage
+
+    junk = torch.tensor(list(b"\xff\xd8\xff\xe0" + b"not a jpeg" * 8), dtype=torch.uint8)
+    broken = EncodedImage(junk, Crop(0, 0, 8, 8, False), 8, name="/data/cats/broken.jpg")
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", _rejecting(torchvision.io.decode_jpeg, junk))
+    with pytest.raises(UserError, match="/data/cats/broken.jpg"):
+        EncodedBatch.collate([broken]).decode("cpu")
+
+
 def _decoded_size(dataset, index):
     from ddp_finetune.images import decode_rgb
 
