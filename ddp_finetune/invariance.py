@@ -144,7 +144,20 @@ def likely_causes(cfg: Config, against: Comparison, scale: Comparison, cuda: boo
             "BatchNorm statistics per rank: BatchNorm layers in train mode normalize each rank's micro-batch "
             f"and keep rank 0's running statistics; set {fix}"
         )
-    if against.first_step is not None or against.first_tensor is not None:
+    moved = against.first_step is not None or against.first_tensor is not None
+    if scale.first_step == 1 and not cfg.model.sync_bn and not causes:
+        # before any update the two 1-process runs differ only in the micro-batch size
+        if user_loss:
+            causes.append(
+                f"a loss without global reductions: the user loss {cfg.loss.name} is not a mean of per-sample terms, so "
+                "its value depends on the micro-batch, which N processes (or grad_accum) make smaller; reduce its sums "
+                "with ddp_finetune.distributed.all_reduce_sum_with_grad before dividing"
+            )
+        elif cfg.loss.accumulation == "micro_batch" and region:
+            causes.append(
+                "loss.accumulation=micro_batch: each micro-batch's ratio of sums, averaged; set loss.accumulation=exact"
+            )
+    if moved:
         if region and not cfg.loss.sync:
             causes.append(
                 f"a loss that is not synchronized: loss.name={cfg.loss.name} with loss.sync=false takes each rank's "
@@ -163,7 +176,7 @@ def likely_causes(cfg: Config, against: Comparison, scale: Comparison, cuda: boo
                 "value on both sides, but combines them per rank (a mean of per-rank means, a per-rank ratio); "
                 "reduce its sums with ddp_finetune.distributed.all_reduce_sum_with_grad before dividing"
             )
-    if not causes and (against.first_step is not None or against.first_tensor is not None):
+    if not causes:
         causes.append(
             "not one of the known causes (BatchNorm per rank, an unsynchronized loss, rank-dependent randomness); "
             "rerun with --out DIR and compare the three runs' metrics.jsonl and final/ weights"
@@ -203,7 +216,7 @@ def _run(name: str, config: str, overrides: list[str], procs: int, out: Path, ti
             raise UserError(f"the {name} run took more than {timeout:.0f} s (log: {log}); lower --steps") from None
     if proc.returncode != 0:
         lines = [ln for ln in log.read_text().splitlines() if "error:" in ln]
-        why = lines[-1].strip() if lines else f"exit {proc.returncode}"
+        why = lines[-1].strip().split("error: ", 1)[-1] if lines else f"exit {proc.returncode}"
         raise UserError(f"the {name} run of check-invariance failed: {why} (log: {log})")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     records = [r for r in records if r.get("split") == "train"]
@@ -259,15 +272,21 @@ def check_invariance(
     reference = single if cfg.model.sync_bn else accum
     against = compare(reference, many, tolerance)
     scale = compare(single, accum, tolerance)
-    invariant = against.first_step is None and against.first_tensor is None
+    # at step 1 (the same weights) 1 process with the config's micro-batch and 1 process x accum N differ only
+    # in summation order, unless the objective depends on the micro-batch size, which N processes shrink
+    objective_moves = not cfg.model.sync_bn and scale.first_step == 1
+    invariant = against.first_step is None and against.first_tensor is None and not objective_moves
     cuda = torch.cuda.is_available()
     has_bn = any(name.endswith("running_mean") for name in many.state)
     causes = [] if invariant else likely_causes(cfg, against, scale, cuda, has_bn)
-    lines = _report_lines(procs, k, steps, reference.name, against, scale, tolerance, invariant, causes)
+    moves = scale.first_step_what if objective_moves else None
+    lines = _report_lines(procs, k, steps, reference.name, against, scale, tolerance, causes, moves)
     return Verdict(invariant, reference.name, against, scale, causes, tolerance, lines)
 
 
-def _report_lines(procs, k, steps, ref, against: Comparison, scale: Comparison, tolerance, invariant, causes):
+def _report_lines(procs, k, steps, ref, against: Comparison, scale: Comparison, tolerance, causes, moves):
+    """The verdict as printed; `moves`: how the step-1 loss depends on the micro-batch size (None: it does not)."""
+    invariant = against.first_step is None and against.first_tensor is None and moves is None
     desc = {
         "single": "1 process, the config's micro-batch",
         "accum": f"1 process x grad_accum {k * procs}",
@@ -285,12 +304,16 @@ def _report_lines(procs, k, steps, ref, against: Comparison, scale: Comparison, 
     if invariant:
         lines.append(f"invariant: {procs} processes train as 1 process within {tolerance:g} (exit 0)")
         return lines
-    where = []
+    where = [] if against.first_step is not None or against.first_tensor is not None else ["step 1 (see below)"]
     if against.first_step is not None:
         where.append(f"step {against.first_step} ({against.first_step_what})")
     if against.first_tensor is not None:
         where.append(f"first parameter / buffer: {against.first_tensor}")
     lines.append(f"not invariant: first difference above {tolerance:g} at " + "; ".join(where))
+    if moves is not None:
+        lines.append(
+            f"  at step 1 the objective already depends on the micro-batch size, which N processes shrink: {moves}"
+        )
     lines += [f"  likely cause: {c}" for c in causes]
     return lines
 

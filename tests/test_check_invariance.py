@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,7 +50,9 @@ def test_likely_causes_follow_the_evidence(tmp_path):
 def _check(tmp_path, image_folder, name, *overrides):
     # resnet18 at 16 px, frozen BatchNorm, 2 steps of batch 8: the tests' tiny config
     cfg = tiny_config(tmp_path / name, image_folder, train={"epochs": 1, "batch_size": 8})
-    return run_cli("check-invariance", cfg, "--steps", "2", *overrides, check=False, timeout=900)
+    tests = Path(__file__).resolve().parent  # the user losses of helpers_userloss.py, importable by every run
+    env = {"PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent)])}
+    return run_cli("check-invariance", cfg, "--steps", "2", *overrides, check=False, timeout=900, env=env)
 
 
 @pytest.mark.slow
