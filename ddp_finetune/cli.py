@@ -202,6 +202,26 @@ def _plot(args) -> int:
     return 0
 
 
+def _check_invariance_options(parser) -> None:
+    from .invariance import TOLERANCE
+
+    parser.add_argument("--procs", type=int, default=2, help="processes of the N-process run (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=6, help="optimizer steps of each run (default: %(default)s)")
+    parser.add_argument("--out", default=None, help="keep the three runs in this new folder (default: a temporary one)")
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=TOLERANCE,
+        help="largest relative difference called rounding (default: %(default)s)",
+    )
+
+
+def _check_invariance(args) -> int:
+    from .invariance import check_invariance_command
+
+    return check_invariance_command(args.config, args.overrides, args.procs, args.steps, args.out, args.tolerance)
+
+
 COMMANDS: dict[str, Command] = {
     "init": Command("write a commented starter config for a task", _init, _init_options, takes_config=False),
     "config": Command("print the resolved config a run would write, and validate it, without training", _config),
@@ -226,6 +246,11 @@ COMMANDS: dict[str, Command] = {
         _predict_options,
         takes_config=False,
         positionals=(_MODEL, Positional("inputs", "INPUT", "image files, folders of images, saved datasets", True)),
+    ),
+    "check-invariance": Command(
+        "train a few steps of a config on 1 process and on N, and say whether they train the same (exit 0) or not (1)",
+        _check_invariance,
+        _check_invariance_options,
     ),
     "plot": Command(
         "draw the training curves of one or more runs, overlaid: loss, metrics, learning rates, images/s",

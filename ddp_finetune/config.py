@@ -321,6 +321,8 @@ class LogConfig:
     """Run name; null: the output folder's name."""
     progress_bar: bool = True
     """tqdm bar on the main process."""
+    trace: bool = False
+    """Also log, on log steps, the step's global gradient norm (before clipping) and every micro-batch's loss (each rank's, in the global batch's order): what `ddp-finetune check-invariance` compares. One gather per log step."""
 
     def validate(self) -> None:
         _positive("log.every_n_steps", self.every_n_steps)

@@ -56,6 +56,8 @@ class Window:
     sums: torch.Tensor
     images: int = 0
     start: float = field(default_factory=time.perf_counter)
+    micro_losses: list = field(default_factory=list)  # log.trace: the last step's micro-batch losses
+    grad_norm: torch.Tensor | None = None  # log.trace: the last step's global gradient norm
 
     @classmethod
     def on(cls, device) -> Window:
@@ -137,6 +139,8 @@ def optimizer_step(run: Run, micro_batches: list, epoch: int, window: Window) ->
     micro_batches = [(run.prepare_input(x), y) for x, y in micro_batches]
     stats = statistics_pass(run, micro_batches)
     step_loss = torch.zeros((), dtype=torch.float64, device=a.device)
+    trace = run.cfg.log.trace
+    window.micro_losses = []
     for i, (x, y) in enumerate(micro_batches):
         # DDP all-reduces the gradients on the last micro-batch's backward only
         with a.no_sync(run.model) if i < k - 1 else contextlib.nullcontext():
@@ -145,11 +149,19 @@ def optimizer_step(run: Run, micro_batches: list, epoch: int, window: Window) ->
         window.sums[0] += loss.detach().double() * x.shape[0]
         window.sums[1] += x.shape[0]
         step_loss += loss.detach().double() / k
+        if trace:
+            window.micro_losses.append(loss.detach().double())
     run.freeze.after_backward(epoch)  # blocks frozen until a later epoch: their grads dropped
     grad_norm = None
     if run.cfg.train.max_grad_norm:
         grad_norm = a.clip_grad_norm_(run.model.parameters(), run.cfg.train.max_grad_norm)
     grads = [p.grad for p in run.model.parameters() if p.grad is not None]
+    if trace:  # DDP has averaged the gradients: the norm of the global batch's gradient, on every rank
+        window.grad_norm = (
+            grad_norm
+            if grad_norm is not None
+            else torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in grads]))
+        )
     run.guard.before_update(run.raw_optimizer, grads, grad_norm, step_loss)
     run.optimizer.step()
     run.guard.after_update(run.raw_optimizer, skipped_by_scaler=a.optimizer_step_was_skipped)
@@ -194,11 +206,22 @@ def log_train(run: Run, progress: Progress, log: MetricsLog, window: Window, ste
         record["nonfinite_steps"] = health["nonfinite_steps"]
     if health.get("scaler_skipped_steps"):  # fp16 loss-scale calibration: expected, counted apart
         record["scaler_skipped_steps"] = health["scaler_skipped_steps"]
+    if run.cfg.log.trace:
+        record.update(_trace(window))
     log.log(record)
     if bar is not None:
         lr = next(iter(step_lrs.values()))
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{record['images_per_second']:.0f}")
     window.reset()
+
+
+def _trace(window: Window) -> dict:
+    """`log.trace`: the last step's gradient norm and micro-batch losses, every rank's, in the order of
+    the global batch (micro-batch j of rank r is the (j * ranks + r)-th slice of the step)."""
+    per_rank = dist_utils.gather_objects([v.item() for v in window.micro_losses])
+    ordered = [losses[j] for j in range(len(per_rank[0])) for losses in per_rank]
+    norm = window.grad_norm.item() if window.grad_norm is not None else None
+    return {"grad_norm": norm, "micro_losses": ordered}
 
 
 def checkpoint_or_stop(run: Run, progress: Progress, watcher: StopWatcher) -> None:

@@ -93,3 +93,23 @@ class GradientBlowUp(nn.Module):
             with open(self.record, "a") as f:
                 f.write(f"{self.calls}{' x' if scaled else ''}\n")
         return loss
+
+
+class SquaredMeanCrossEntropy(nn.Module):
+    """(mean cross-entropy)²: a nonlinear function of a per-rank mean, so N ranks averaging their
+    own values is not the global batch's loss (what `check-invariance` must catch)."""
+
+    def forward(self, logits, targets):
+        return F.cross_entropy(logits, targets) ** 2
+
+
+class RankNoiseCrossEntropy(nn.Module):
+    """Cross-entropy plus noise from a generator seeded by the rank: rank-dependent randomness."""
+
+    def forward(self, logits, targets):
+        import torch
+
+        from ddp_finetune.distributed import rank
+
+        g = torch.Generator().manual_seed(1234 + rank())
+        return F.cross_entropy(logits, targets) + 0.1 * torch.rand((), generator=g)
