@@ -19,7 +19,8 @@ MODES: tuple[str, ...] = typing.get_args(LossMode)
 _EXPECTED = {
     "binary": "logits (N,), (N, 1) or (N, 1, H, W) and float targets in [0, 1] of the same shape or without the channel dim",
     "multilabel": "logits (N, C) or (N, C, H, W) and float multi-hot targets in [0, 1] of the same shape",
-    "multiclass": "logits (N, C) or (N, C, H, W) with C >= 2 and integer class-index targets (N,) or (N, H, W) in [0, C)",
+    "multiclass": "logits (N, C) or (N, C, H, W) with C >= 2 and integer class-index targets (N,) or (N, H, W) in [0, C), "
+    "or class probabilities of the logits' shape",
 }
 
 
@@ -42,6 +43,7 @@ class Batch:
     loss: str
     shapes: str
     expected: str
+    soft: bool = False  # multiclass with class probabilities (N, C, L) as targets (Mixup / CutMix, label smoothing)
 
     @property
     def num_classes(self) -> int:
@@ -55,7 +57,7 @@ class Batch:
 
         A comparison with the class indices rather than `F.one_hot`, which reads the targets'
         minimum and maximum back to the host on CPU (a sync per call)."""
-        if self.mode == "multiclass":
+        if self.mode == "multiclass" and not self.soft:
             classes = torch.arange(self.num_classes, device=self.t.device).view(1, -1, 1)
             return (self.t.unsqueeze(1) == classes).to(self.x.dtype)
         return self.t
@@ -83,15 +85,22 @@ def _check_shapes(loss: str, logits: Tensor, targets: Tensor, mode: str) -> None
         problem = "target shape does not match the logits"
     elif mode == "multiclass" and shape[1] < 2:
         problem = "multiclass needs C >= 2 channels (use binary for one logit)"
-    elif mode == "multiclass" and tshape != shape[:1] + shape[2:]:
+    elif mode == "multiclass" and tshape != shape[:1] + shape[2:] and not _soft(logits, targets, mode):
         problem = "target shape does not match the logits without their channel dim"
     if problem:
         raise _fail(loss, mode, logits, targets, problem)
     floating = targets.is_floating_point()
+    if _soft(logits, targets, mode):
+        return
     if mode == "multiclass" and (floating or targets.dtype == torch.bool or targets.is_complex()):
         raise _fail(loss, mode, logits, targets, "targets must be integer class indices (use targets.long())")
     if mode != "multiclass" and not floating:
         raise _fail(loss, mode, logits, targets, "targets must be floating point (use targets.float())")
+
+
+def _soft(logits: Tensor, targets: Tensor, mode: str) -> bool:
+    """Multiclass targets given as class probabilities: floats of the logits' own shape (N, C, *S)."""
+    return mode == "multiclass" and targets.is_floating_point() and targets.shape == logits.shape
 
 
 def prepare(loss: str, logits: Tensor, targets: Tensor, mode: str, ignore_index: int | None) -> Batch:
@@ -116,7 +125,16 @@ def prepare(loss: str, logits: Tensor, targets: Tensor, mode: str, ignore_index:
     length = math.prod(logits.shape[2:])
     x = logits.to(dtype).reshape(n, c, length)
     ignored = targets == ignore_index if ignore_index is not None else torch.zeros_like(targets, dtype=torch.bool)
-    if mode == "multiclass":
+    soft = _soft(logits, targets, mode)
+    if soft:
+        # class probabilities: nothing to ignore (ignore_index names a class index), values in [0, 1]
+        t = targets.to(dtype).reshape(n, c, length)
+        valid = (t >= 0) & (t <= 1)
+        ignored = torch.zeros_like(valid)
+        t = torch.where(valid, t, torch.zeros_like(t))
+        mask = torch.ones(n, 1, length, dtype=dtype, device=x.device)
+        expected = "class probabilities in [0, 1]"
+    elif mode == "multiclass":
         t = targets.reshape(n, length)
         ignored = ignored.reshape(n, length)
         valid = (t >= 0) & (t < c)
@@ -134,7 +152,7 @@ def prepare(loss: str, logits: Tensor, targets: Tensor, mode: str, ignore_index:
     if ignore_index is not None:
         expected += f" or ignore_index={ignore_index}"
     shapes = f"logits {tuple(logits.shape)}, targets {tuple(targets.shape)}; expected {expected}"
-    return Batch(x, t, mask, bad, mode, loss, shapes, expected)
+    return Batch(x, t, mask, bad, mode, loss, shapes, expected, soft)
 
 
 def bad_targets_here(batch: Batch, total: Tensor) -> UserError | None:

@@ -36,6 +36,14 @@ class FocalKernel:
     def statistics(self, batch: Batch, weights: Tensor | None) -> list[Tensor]:
         """(Σ focal terms, count) over the non-ignored elements (multiclass: pixels)."""
         x, t = batch.x, batch.t
+        if batch.soft:
+            # class probabilities t (Mixup / CutMix): Σ_c t_c·α_c·(1 − p_c)^γ·(−log p_c), the one-hot case's generalization
+            logp = F.log_softmax(x, dim=1)
+            per = -_focal_factor(-torch.expm1(logp), self.gamma) * logp * t
+            if weights is not None:
+                per = per * weights.view(1, -1, 1)
+            mask = batch.mask.squeeze(1)
+            return [(per.sum(1) * mask).sum(), mask.sum()]
         if batch.mode == "multiclass":
             logp_y = F.log_softmax(x, dim=1).gather(1, t.unsqueeze(1)).squeeze(1)  # (N, L)
             one_minus_p = -torch.expm1(logp_y)  # 1 − p_y without cancellation near p_y = 1
