@@ -172,12 +172,18 @@ class ModelConfig:
     """Train only the head (feature extraction); the backbone's weights and BatchNorm statistics stay fixed."""
     unfreeze_at_epoch: int | None = None
     """With `freeze_backbone`: the epoch (0-based) from which the backbone trains too (gradual unfreezing)."""
+    drop_path_rate: float | None = None
+    """Stochastic depth: the probability of dropping a residual branch in training (timm's `drop_path_rate`, torchvision's `stochastic_depth_prob`); null: the model's default."""
+    grad_checkpointing: bool = False
+    """Recompute activations in the backward pass instead of keeping them (less memory, ~30% slower): timm's `set_grad_checkpointing`, torchvision's DenseNet `memory_efficient`; other models refuse it."""
     sync_bn: bool = False
     """Turn BatchNorm into SyncBatchNorm (CUDA only): statistics of the global batch, the same training at every world size for models that train their BatchNorm. On a CPU use `freeze_bn`."""
 
     def validate(self) -> None:
         if self.num_classes is not None:
             _positive("model.num_classes", self.num_classes)
+        if self.drop_path_rate is not None:
+            _range("model.drop_path_rate", self.drop_path_rate, 0.0, 1.0, high_open=True)
         if self.unfreeze_at_epoch is not None and self.unfreeze_at_epoch < 0:
             raise UserError(
                 f"model.unfreeze_at_epoch={self.unfreeze_at_epoch} is negative; use an epoch index >= 0 or null"
@@ -230,8 +236,8 @@ class TrainConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["sgd", "adamw"] = "sgd"
-    """`sgd` or `adamw`."""
+    name: str = "sgd"
+    """Any `torch.optim` optimizer by name, any case (`sgd`, `adamw`, `adam`, `radam`, `nadam`, `rmsprop`, `adagrad`, ...); fused kernels where torch has them."""
     lr: float = 0.01
     """Learning rate of the backbone (and of everything when `head_lr` is null)."""
     head_lr: float | None = None
@@ -246,6 +252,8 @@ class OptimConfig:
     """No weight decay on normalization weights and biases (only matters when `weight_decay` > 0)."""
     layer_decay: float | None = None
     """Layer-wise lr decay in (0, 1]: a backbone block at depth d from the head gets lr x layer_decay^d."""
+    args: dict[str, Any] = field(default_factory=dict)
+    """Further keyword arguments of the optimizer (e.g. `{eps: 1.0e-6}`, `{nesterov: true}`); lr and weight decay come from `optim.lr` / `optim.head_lr` / `optim.weight_decay`."""
 
     def validate(self) -> None:
         if self.lr < 0:
@@ -258,6 +266,9 @@ class OptimConfig:
             _range("optim.layer_decay", self.layer_decay, 0.0, 1.0, low_open=True)
         if len(self.betas) != 2:
             raise UserError(f"optim.betas={self.betas} needs two values, e.g. [0.9, 0.999]")
+        from .param_groups import optimizer_class
+
+        optimizer_class(self.name)  # an unknown name fails with the config, before any data is loaded
 
 
 @dataclass

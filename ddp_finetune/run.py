@@ -133,6 +133,8 @@ def build_run(cfg: Config) -> Run:
         set_seed(cfg.seed)  # identical initial weights on every rank
         model, parts, report = build_model(cfg.model, data.classes.outputs, cfg.task, image_size=cfg.data.image_size)
     check_free_space(cfg, model)
+    if cfg.task != "segmentation":  # validation uses the model's evaluation crop (timm's crop_pct, interpolation)
+        data.val_set.eval_crop = (parts.crop_pct, parts.interpolation)
     loader_plan = plan_loaders(cfg.data.num_workers, device_type == "cuda")
     train_loader, val_loader, sampler = build_loaders(cfg, data.train_set, data.val_set, loader_plan)
 
@@ -209,10 +211,28 @@ def start_lines(run: Run) -> list[str]:
     if loaded:
         lines.append(loaded)
     lines.append(f"{run.loader_plan.describe()}; images {run.decode_note}, normalized on {a.device.type}")
+    lines.append(augmentation_line(cfg))
     lines.append(loss_line(run))
     lines.append(describe_groups(run.groups))
     lines.append(run.schedule.describe())
     return lines
+
+
+def augmentation_line(cfg: Config) -> str:
+    """What the training images go through, and in which order the samples come."""
+    d, parts = cfg.data, []
+    if d.augment:
+        parts.append(f"crop scale {d.crop_scale} ratio [{d.crop_ratio[0]:.3g}, {d.crop_ratio[1]:.3g}]")
+        parts += ["horizontal flip"] if d.hflip else []
+        parts += [f"policy {d.policy}"] if d.policy != "none" else []
+        parts += [f"colour jitter {d.color_jitter}"] if d.color_jitter else []
+        parts += [f"random erasing p={d.random_erasing}"] if d.random_erasing else []
+    if d.mixup_alpha or d.cutmix_alpha:
+        kinds = [f"{n} alpha {a}" for n, a in (("Mixup", d.mixup_alpha), ("CutMix", d.cutmix_alpha)) if a]
+        parts.append(f"{' / '.join(kinds)} with partners from the global batch (p={d.mix_prob})")
+    what = ", ".join(parts) or "none (evaluation view)"
+    order = "class-balanced draws with replacement" if d.sampler == "balanced" else "a seeded permutation per epoch"
+    return f"augmentation: {what}; sampling: {order}"
 
 
 def loss_line(run: Run) -> str:

@@ -149,8 +149,8 @@ def optimizer_step(run: Run, micro_batches: list, epoch: int, window: Window) ->
     if run.cfg.train.max_grad_norm:
         grad_norm = a.clip_grad_norm_(run.model.parameters(), run.cfg.train.max_grad_norm)
     grads = [p.grad for p in run.model.parameters() if p.grad is not None]
-    run.guard.before_update(run.raw_optimizer, grads, grad_norm, step_loss)
-    run.optimizer.step()
+    if run.guard.before_update(run.raw_optimizer, grads, grad_norm, step_loss):
+        run.optimizer.step()
     run.guard.after_update(run.raw_optimizer, skipped_by_scaler=a.optimizer_step_was_skipped)
     run.optimizer.zero_grad(set_to_none=True)
 
