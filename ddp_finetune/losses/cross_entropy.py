@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +52,7 @@ def cross_entropy_sums(batch: Batch, weights: Tensor | None, label_smoothing: fl
 
 @dataclass(frozen=True)
 class CrossEntropyKernel:
+    soft_targets: ClassVar[bool] = True  # multiclass targets may be class probabilities (Mixup / CutMix)
     label_smoothing: float = 0.0
 
     def statistics(self, batch: Batch, weights: Tensor | None) -> list[Tensor]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,7 @@ def _focal_factor(one_minus_p: Tensor, gamma: float) -> Tensor:
 
 @dataclass(frozen=True)
 class FocalKernel:
+    soft_targets: ClassVar[bool] = True  # multiclass targets may be class probabilities (Mixup / CutMix)
     alpha: float | None = 0.25
     gamma: float = 2.0
 

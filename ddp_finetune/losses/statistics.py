@@ -100,7 +100,7 @@ def call_loss(
     weights = weight_list(class_weights)
     kernel = make_kernel(**options)
     with no_autocast(logits):
-        batch = prepare(label, logits, targets, mode, ignore_index)
+        batch = prepare(label, logits, targets, mode, ignore_index, getattr(kernel, "soft_targets", False))
         value, bad = compute(kernel, batch, weight_tensor(label, weights, batch), sync)
         error = bad_targets_here(batch, bad)
         if error is not None:
