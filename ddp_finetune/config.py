@@ -79,7 +79,7 @@ class DataConfig:
     image_size: int = 224
     """Side of the square crop fed to the model."""
     augment: bool = True
-    """Train-time RandomResizedCrop + horizontal flip, seeded per sample so every world size sees the same augmentation."""
+    """Train-time augmentation: RandomResizedCrop + horizontal flip, then `policy`, `color_jitter`, `random_erasing` when set; seeded per sample so every world size sees the same augmentation."""
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     """With `augment`: RandomResizedCrop's range of the crop's area, as fractions of the image's ([min, max])."""
     crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333333333333333])

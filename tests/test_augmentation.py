@@ -207,3 +207,35 @@ def test_balanced_sampler_draws_classes_evenly_seeded_with_repeats_augmented_ane
     train = _train_set(folder, sampler="balanced")
     assert not torch.equal(train[(0, 1, 0, -1, 0)][0], train[(0, 1, 1, -1, 0)][0])
     assert train.class_indices() == [train._index(v) for v in train.ds["label"]]
+
+
+def test_auto_decoding_stays_on_the_cpu_where_the_device_would_skip_a_transform(tmp_path):
+    from datagen import make_jpeg_folder
+
+    from ddp_finetune.data import load_splits
+    from ddp_finetune.datasets import decide_decode
+
+    jpegs = make_jpeg_folder(tmp_path / "jpegs")
+    for extra, on_device in [({}, True), ({"policy": "augmix"}, False), ({"cutmix_alpha": 1.0}, False)]:
+        cfg = config_from_dict({"data": {"path": str(jpegs), "decode": "auto", **extra}})
+        decided, why = decide_decode(cfg, load_splits(cfg.data, cfg.seed, cfg.task), cuda=True)
+        assert decided is on_device, why
+        assert on_device or "run on the CPU workers" in why
+
+
+def test_binary_and_multilabel_targets_mix_as_they_are(tmp_path):
+    cfg = config_from_dict(
+        {
+            "task": "binary",
+            "data": {
+                "path": str(make_image_folder(tmp_path / "bin", classes=("no", "yes"))),
+                "image_size": 24,
+                "mixup_alpha": 1.0,
+            },
+        }
+    )
+    train = datasets_of(cfg)[0]
+    labels = [train[(0, i)][1].item() for i in range(len(train))]
+    i, j = labels.index(0.0), labels.index(1.0)
+    x, t = train[(0, i, 0, j, 0)]
+    assert t.shape == (1,) and 0.0 < t.item() < 1.0  # the partner's share of "yes"

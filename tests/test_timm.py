@@ -289,3 +289,17 @@ def test_drop_path_rate_and_grad_checkpointing_reach_the_model():
         build_model(ModelConfig(name="resnet18", grad_checkpointing=True), 3)
     dense, _, _ = build_model(ModelConfig(name="densenet121", grad_checkpointing=True), 3)
     assert all(m.memory_efficient for m in dense.modules() if type(m).__name__ == "_DenseLayer")
+
+
+def test_predict_crops_as_the_model_was_evaluated(tmp_path, images):
+    from PIL import Image
+
+    from ddp_finetune.model_folder import make_card
+    from ddp_finetune.predict import input_transform
+    from ddp_finetune.transforms import eval_view
+
+    _, parts, _ = build("resnet18.a1_in1k", meta=True)
+    card = make_card(load_config(timm_config(tmp_path, images, "resnet18.a1_in1k")), ["a", "b", "c"], 3, parts)
+    image = torch.randint(0, 256, (3, 40, 50), dtype=torch.uint8)
+    pil = Image.fromarray(image.permute(1, 2, 0).numpy())
+    assert torch.equal(input_transform(card)(pil), eval_view(image, SIZE, False, 0.95, "bicubic"))
