@@ -266,7 +266,7 @@ class OptimConfig:
             _range("optim.layer_decay", self.layer_decay, 0.0, 1.0, low_open=True)
         if len(self.betas) != 2:
             raise UserError(f"optim.betas={self.betas} needs two values, e.g. [0.9, 0.999]")
-        from .param_groups import optimizer_class
+        from .optimizers import optimizer_class
 
         optimizer_class(self.name)  # an unknown name fails with the config, before any data is loaded
 
