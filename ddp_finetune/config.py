@@ -81,7 +81,33 @@ class DataConfig:
     image_size: int = 224
     """Side of the square crop fed to the model."""
     augment: bool = True
-    """Train-time RandomResizedCrop + horizontal flip, seeded per sample so every world size sees the same augmentation."""
+    """Train-time augmentation: RandomResizedCrop + horizontal flip, then `policy`, `color_jitter`, `random_erasing` when set; seeded per sample so every world size sees the same augmentation."""
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    """With `augment`: RandomResizedCrop's range of the crop's area, as fractions of the image's ([min, max])."""
+    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333333333333333])
+    """With `augment`: RandomResizedCrop's range of the crop's aspect ratio, width / height ([min, max])."""
+    hflip: bool = True
+    """With `augment`: flip half the training images horizontally (segmentation: image and mask together)."""
+    policy: Literal["none", "randaugment", "trivialaugment", "autoaugment", "augmix"] = "none"
+    """With `augment`: torchvision's automatic augmentation after the crop: `randaugment`, `trivialaugment` (TrivialAugmentWide), `autoaugment` (ImageNet policy), `augmix`, or `none`. Classification tasks only."""
+    policy_magnitude: int | None = None
+    """`randaugment`: the magnitude (0-30; null: 9); `augmix`: the severity (1-10; null: 3)."""
+    policy_ops: int = 2
+    """`randaugment`: operations applied per image."""
+    color_jitter: float = 0.0
+    """With `augment`: brightness, contrast and saturation jitter of this strength (0: off); the image only."""
+    random_erasing: float = 0.0
+    """With `augment`: probability of erasing a random rectangle of the image (after the other transforms; 0: off); the image only."""
+    mixup_alpha: float = 0.0
+    """Mixup: each training sample is blended with a partner from the same global batch, weight ~ Beta(alpha, alpha) (0: off). Not for segmentation."""
+    cutmix_alpha: float = 0.0
+    """CutMix: a box of a partner from the same global batch is pasted in, area ~ Beta(alpha, alpha) (0: off). Not for segmentation."""
+    mix_prob: float = 1.0
+    """With Mixup / CutMix: the probability that a sample is mixed at all."""
+    mix_switch_prob: float = 0.5
+    """With both Mixup and CutMix: the probability that a mixed sample uses CutMix rather than Mixup."""
+    sampler: Literal["random", "balanced"] = "random"
+    """Training order: `random` (a seeded permutation per epoch) or `balanced` (seeded draws with replacement, every class equally likely; classification and binary)."""
     num_workers: int | Literal["auto"] = "auto"
     """DataLoader worker processes per rank; `auto`: the CPUs this process may use (its CPU affinity, capped by SLURM's `SLURM_CPUS_PER_TASK`) divided by the processes on its node, minus one for the training loop (on a CPU run: minus the training process's torch threads). The start-up lines say how many each rank got and why."""
     decode: Literal["cpu", "gpu", "auto"] = "cpu"
@@ -98,6 +124,34 @@ class DataConfig:
         _positive("data.image_size", self.image_size)
         if self.num_workers != "auto" and self.num_workers < 0:
             raise UserError(f"data.num_workers={self.num_workers} is negative; use 0 or more, or auto")
+        for key in ("crop_scale", "crop_ratio"):
+            low_high = getattr(self, key)
+            if len(low_high) != 2 or not 0 < low_high[0] <= low_high[1]:
+                raise UserError(f"data.{key}={low_high} needs two positive values [min, max] with min <= max")
+        if self.crop_scale[1] > 1:
+            raise UserError(f"data.crop_scale={self.crop_scale} goes above 1 (the whole image); use values in (0, 1]")
+        _range("data.color_jitter", self.color_jitter, 0.0, 1.0)
+        _range("data.random_erasing", self.random_erasing, 0.0, 1.0)
+        _range("data.mix_prob", self.mix_prob, 0.0, 1.0)
+        _range("data.mix_switch_prob", self.mix_switch_prob, 0.0, 1.0)
+        _positive("data.policy_ops", self.policy_ops)
+        for key in ("mixup_alpha", "cutmix_alpha"):
+            if getattr(self, key) < 0:
+                raise UserError(f"data.{key}={getattr(self, key)} is negative; use 0 (off) or a positive alpha")
+        if self.policy_magnitude is not None:
+            limits = {"randaugment": (0, 30), "augmix": (1, 10)}
+            if self.policy not in limits:
+                raise UserError(
+                    f"data.policy_magnitude={self.policy_magnitude} is not read by data.policy={self.policy} "
+                    "(only randaugment and augmix); remove it"
+                )
+            _range("data.policy_magnitude", self.policy_magnitude, *limits[self.policy])
+        photometric = self.augment and (self.policy != "none" or self.color_jitter or self.random_erasing)
+        if self.decode == "gpu" and (photometric or self.mixup_alpha or self.cutmix_alpha):
+            raise UserError(
+                "data.decode=gpu applies only the crop and flip on the device, not data.policy, data.color_jitter, "
+                "data.random_erasing or Mixup / CutMix; use data.decode=cpu (or auto, which decodes on the CPU then)"
+            )
         if self.class_names is not None and len(self.class_names) < 2:
             raise UserError(
                 f"data.class_names={self.class_names!r} needs at least 2 names (background included), or null"
@@ -126,6 +180,10 @@ class ModelConfig:
     """Freeze the stem and the first K blocks of the model's block list (the blocks `optim.layer_decay` counts; README table); 0: the stem only."""
     unfreeze_every: int | None = None
     """Gradual unfreezing: every this many epochs one more frozen block trains, from the head down, the first at `unfreeze_at_epoch` (or at this epoch when that is null)."""
+    drop_path_rate: float | None = None
+    """Stochastic depth: the probability of dropping a residual branch in training (timm's `drop_path_rate`, torchvision's `stochastic_depth_prob`); null: the model's default."""
+    grad_checkpointing: bool = False
+    """Recompute activations in the backward pass instead of keeping them (less memory, ~30% slower): timm's `set_grad_checkpointing`, torchvision's DenseNet `memory_efficient`; other models refuse it."""
     sync_bn: bool = False
     """Turn BatchNorm into SyncBatchNorm (CUDA only): statistics of the global batch, the same training at every world size for models that train their BatchNorm. On a CPU use `freeze_bn`."""
 
@@ -136,6 +194,8 @@ class ModelConfig:
     def validate(self) -> None:
         if self.num_classes is not None:
             _positive("model.num_classes", self.num_classes)
+        if self.drop_path_rate is not None:
+            _range("model.drop_path_rate", self.drop_path_rate, 0.0, 1.0, high_open=True)
         if self.unfreeze_at_epoch is not None and self.unfreeze_at_epoch < 0:
             raise UserError(
                 f"model.unfreeze_at_epoch={self.unfreeze_at_epoch} is negative; use an epoch index >= 0 or null"
@@ -200,8 +260,8 @@ class TrainConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["sgd", "adamw"] = "sgd"
-    """`sgd` or `adamw`."""
+    name: str = "sgd"
+    """Any `torch.optim` optimizer by name, any case (`sgd`, `adamw`, `adam`, `radam`, `nadam`, `rmsprop`, `adagrad`, ...); fused kernels where torch has them."""
     lr: float = 0.01
     """Learning rate of the backbone (and of everything when `head_lr` is null)."""
     head_lr: float | None = None
@@ -216,6 +276,8 @@ class OptimConfig:
     """No weight decay on normalization weights and biases (only matters when `weight_decay` > 0)."""
     layer_decay: float | None = None
     """Layer-wise lr decay in (0, 1]: a backbone block at depth d from the head gets lr x layer_decay^d."""
+    args: dict[str, Any] = field(default_factory=dict)
+    """Further keyword arguments of the optimizer (e.g. `{eps: 1.0e-6}`, `{nesterov: true}`); lr and weight decay come from `optim.lr` / `optim.head_lr` / `optim.weight_decay`."""
 
     def validate(self) -> None:
         if self.lr < 0:
@@ -228,6 +290,9 @@ class OptimConfig:
             _range("optim.layer_decay", self.layer_decay, 0.0, 1.0, low_open=True)
         if len(self.betas) != 2:
             raise UserError(f"optim.betas={self.betas} needs two values, e.g. [0.9, 0.999]")
+        from .optimizers import optimizer_class
+
+        optimizer_class(self.name)  # an unknown name fails with the config, before any data is loaded
 
 
 @dataclass
@@ -370,6 +435,27 @@ class Config:
                     f"model.unfreeze_at_epoch={self.model.unfreeze_at_epoch} is not before train.epochs={self.train.epochs}; "
                     "use an epoch in [0, epochs) or null"
                 )
+        if self.task == "segmentation" and self.data.policy != "none":
+            raise UserError(
+                f"data.policy={self.data.policy} moves only the image (torchvision's policies leave a mask where it was); "
+                "with task=segmentation use data.policy=none (crop, flip, data.color_jitter, data.random_erasing work)"
+            )
+        mixing = self.data.mixup_alpha > 0 or self.data.cutmix_alpha > 0
+        if mixing and self.task == "segmentation":
+            raise UserError(
+                "data.mixup_alpha / data.cutmix_alpha mix the labels of two images, which a segmentation mask cannot "
+                "take; set both to 0 with task=segmentation"
+            )
+        if mixing and self.loss.name not in ("cross_entropy", "focal"):
+            raise UserError(
+                f"data.mixup_alpha / data.cutmix_alpha make soft targets, which loss.name={self.loss.name} does not take; "
+                "use loss.name=cross_entropy or focal, or set both alphas to 0"
+            )
+        if self.data.sampler == "balanced" and self.task not in ("classification", "binary"):
+            raise UserError(
+                f"data.sampler=balanced balances one class per image, which task={self.task} does not have; "
+                "use data.sampler=random (or loss.class_weights)"
+            )
         if self.data.class_names is not None:
             if self.task != "segmentation":
                 raise UserError(

@@ -18,7 +18,17 @@ from torch.utils.data import Dataset
 from .data import Classes, Splits
 from .errors import UserError
 from .images import as_byte_tensor, decode_rgb, image_bytes, is_jpeg, jpeg_size, mask_array, read_row
-from .transforms import EncodedImage, draw_crop, eval_view, sample_rng, train_view
+from .mixing import Mixing, mix_rng
+from .transforms import (
+    EVAL_CROP_FRACTION,
+    PHOTOMETRIC_STREAM,
+    Augmentation,
+    EncodedImage,
+    eval_view,
+    sample_rng,
+    sample_seed,
+    train_view,
+)
 
 
 def _undecoded(hf_ds, column: str):
@@ -32,8 +42,13 @@ def _undecoded(hf_ds, column: str):
     return hf_ds
 
 
-def _epoch_and_index(key, epoch: int) -> tuple[int, int]:
-    return (int(key[0]), int(key[1])) if isinstance(key, tuple) else (epoch, int(key))
+def _parse_key(key, epoch: int) -> tuple[int, int, int, int, int]:
+    """(epoch, index, repeat, partner, partner_repeat) of a sampler key (`loaders.EpochSampler`) or a bare index."""
+    if not isinstance(key, tuple):
+        return epoch, int(key), 0, -1, 0
+    if len(key) == 2:
+        return int(key[0]), int(key[1]), 0, -1, 0
+    return tuple(int(k) for k in key)  # type: ignore[return-value]
 
 
 class ImageDataset(Dataset):
@@ -55,15 +70,24 @@ class ImageDataset(Dataset):
         seed: int = 0,
         random: bool = False,
         on_device: bool = False,
+        augmentation: Augmentation | None = None,
+        mixing: Mixing | None = None,
+        eval_crop: tuple[float, str] = (EVAL_CROP_FRACTION, "bilinear"),
     ):
         self.ds = _undecoded(hf_ds, image_column)
         self.image_column, self.label_column = image_column, label_column
         self.task, self.classes, self.size = task, classes, size
         self.label_to_index = classes.label_to_index
         self.seed, self.random, self.on_device, self.epoch = seed, random, on_device, 0
+        self.augmentation = augmentation or Augmentation()
+        self.mixing, self.eval_crop = mixing, eval_crop
 
     def __len__(self):
         return len(self.ds)
+
+    def class_indices(self) -> list[int]:
+        """Every sample's class index, in order (`data.sampler: balanced`)."""
+        return [self._index(label) for label in self.ds[self.label_column]]
 
     def target(self, label):
         if self.task == "multilabel":
@@ -90,33 +114,56 @@ class ImageDataset(Dataset):
             )
         return index
 
-    def crop(self, epoch: int, index: int, height: int, width: int):
+    def crop(self, epoch: int, index: int, height: int, width: int, repeat: int = 0):
         """The sample's augmentation (None without `random`): the one draw both decoding paths use."""
-        return draw_crop(sample_rng(self.seed, epoch, index), height, width) if self.random else None
+        if not self.random:
+            return None
+        return self.augmentation.draw_crop(sample_rng(self.seed, epoch, index, repeat=repeat), height, width)
 
     def __getitem__(self, key):
-        epoch, index = _epoch_and_index(key, self.epoch)
-        row = read_row(self.ds, index, f"row {index}")
-        cell = row[self.image_column]
+        epoch, index, repeat, partner, partner_repeat = _parse_key(key, self.epoch)
         if self.on_device:
-            return self._encoded(cell, epoch, index), self.target(row[self.label_column])
-        image = decode_rgb(cell, f"row {index}")
-        crop = self.crop(epoch, index, *image.shape[-2:])
-        x = train_view(image, crop, self.size) if crop else eval_view(image, self.size)
+            row = read_row(self.ds, index, f"row {index}")
+            return self._encoded(row[self.image_column], epoch, index, repeat), self.target(row[self.label_column])
+        x, t = self.view(epoch, index, repeat)
+        if self.mixing is None:
+            return x, t
+        t = self._soft(t)
+        if partner < 0:
+            return x, t
+        x_b, t_b = self.view(epoch, partner, partner_repeat)
+        return self.mixing.mix(x, x_b, t, self._soft(t_b), mix_rng(self.seed, epoch, index, repeat))
+
+    def view(self, epoch: int, index: int, repeat: int = 0):
+        """(uint8 image, target) of one sample as the model sees it before mixing: cropped, flipped and
+        photometrically augmented when `random`, else the evaluation view."""
+        row = read_row(self.ds, index, f"row {index}")
+        image = decode_rgb(row[self.image_column], f"row {index}")
+        crop = self.crop(epoch, index, *image.shape[-2:], repeat=repeat)
+        if crop is None:
+            return eval_view(image, self.size, False, *self.eval_crop), self.target(row[self.label_column])
+        x = train_view(image, crop, self.size)
+        x = self.augmentation.photometric(x, sample_seed(self.seed, epoch, index, PHOTOMETRIC_STREAM, repeat))
         return x, self.target(row[self.label_column])
 
-    def _encoded(self, cell, epoch: int, index: int) -> EncodedImage:
+    def _soft(self, target):
+        """A float target vector to mix: one-hot for a class index (classification)."""
+        if self.task == "classification":
+            return torch.nn.functional.one_hot(torch.tensor(target), self.classes.outputs).float()
+        return target
+
+    def _encoded(self, cell, epoch: int, index: int, repeat: int = 0) -> EncodedImage:
         data = image_bytes(cell)
         if data is not None and is_jpeg(data):
             size = jpeg_size(data)
             if size is not None:  # the header says nvJPEG can decode it
                 path = cell.get("path") if isinstance(cell, dict) else None
                 name = path or f"row {index}"  # named if nvJPEG rejects it after all
-                return EncodedImage(as_byte_tensor(data), self.crop(epoch, index, *size), self.size, name)
+                return EncodedImage(as_byte_tensor(data), self.crop(epoch, index, *size, repeat), self.size, name)
         image = decode_rgb(
             cell, f"row {index}"
         )  # not a JPEG nvJPEG takes: decoded here, cropped on the device all the same
-        return EncodedImage(image, self.crop(epoch, index, *image.shape[-2:]), self.size)
+        return EncodedImage(image, self.crop(epoch, index, *image.shape[-2:], repeat), self.size)
 
 
 class SegmentationDataset(Dataset):
@@ -127,16 +174,17 @@ class SegmentationDataset(Dataset):
     class index above 255 into a valid-looking one instead of letting the loss report it.
     """
 
-    def __init__(self, hf_ds, image_column, mask_column, size, seed=0, random=False, split="train"):
+    def __init__(self, hf_ds, image_column, mask_column, size, seed=0, random=False, split="train", augmentation=None):
         self.ds = _undecoded(hf_ds, image_column)
         self.image_column, self.mask_column, self.size = image_column, mask_column, size
         self.seed, self.random, self.epoch, self.split = seed, random, 0, split
+        self.augmentation = augmentation or Augmentation()
 
     def __len__(self):
         return len(self.ds)
 
     def __getitem__(self, key):
-        epoch, index = _epoch_and_index(key, self.epoch)
+        epoch, index, repeat, _, _ = _parse_key(key, self.epoch)
         where = f"{self.split} row {index}"
         row = read_row(self.ds, index, where)
         image = decode_rgb(row[self.image_column], where)
@@ -148,8 +196,11 @@ class SegmentationDataset(Dataset):
             )
         if not self.random:
             return eval_view(image, self.size), eval_view(mask, self.size, mask=True)
-        crop = draw_crop(sample_rng(self.seed, epoch, index), height, width)
-        return train_view(image, crop, self.size), train_view(mask, crop, self.size, mask=True)
+        # geometric (crop, flip): image and mask together; photometric (colour, erasing): the image only
+        crop = self.augmentation.draw_crop(sample_rng(self.seed, epoch, index, repeat=repeat), height, width)
+        x = train_view(image, crop, self.size)
+        x = self.augmentation.photometric(x, sample_seed(self.seed, epoch, index, PHOTOMETRIC_STREAM, repeat))
+        return x, train_view(mask, crop, self.size, mask=True)
 
 
 def decide_decode(cfg, splits: Splits, cuda: bool) -> tuple[bool, str]:
@@ -160,6 +211,9 @@ def decide_decode(cfg, splits: Splits, cuda: bool) -> tuple[bool, str]:
     fallback = f"data.decode={wanted}, but "
     if cfg.task == "segmentation":
         return False, fallback + "segmentation decodes on the CPU workers (image and mask are cropped together there)"
+    d = cfg.data
+    if d.augment and Augmentation.from_config(d).has_photometric or Mixing.from_config(d) is not None:
+        return False, fallback + "data.policy / color_jitter / random_erasing / Mixup / CutMix run on the CPU workers"
     if not cuda:
         return False, fallback + "there is no CUDA device: decoded by the CPU workers"
     first = image_bytes(_undecoded(splits.train, cfg.data.image_column)[0][cfg.data.image_column])
@@ -168,12 +222,16 @@ def decide_decode(cfg, splits: Splits, cuda: bool) -> tuple[bool, str]:
     return True, "JPEG files decoded on the GPU (nvJPEG), the workers only read them and draw the crops"
 
 
-def build_datasets(cfg, splits: Splits, classes: Classes, on_device: bool = False):
-    """(train, val) torch datasets of the splits; `on_device`: the JPEGs are decoded by the device."""
+def build_datasets(cfg, splits: Splits, classes: Classes, on_device: bool = False, eval_crop=None):
+    """(train, val) torch datasets of the splits; `on_device`: the JPEGs are decoded by the device;
+    `eval_crop`: (crop fraction, interpolation) of the evaluation view (the model's; None: torchvision's)."""
     d = cfg.data
+    augmentation = Augmentation.from_config(d)
     if cfg.task == "segmentation":
         common = dict(image_column=d.image_column, mask_column=d.mask_column, size=d.image_size, seed=cfg.seed)
-        train = SegmentationDataset(splits.train, random=d.augment, split=d.train_split, **common)
+        train = SegmentationDataset(
+            splits.train, random=d.augment, split=d.train_split, augmentation=augmentation, **common
+        )
         val_name = "validation (val_fraction)" if splits.val_source == "val_fraction" else splits.val_source
         val = SegmentationDataset(splits.val, random=False, split=val_name, **common)
         return train, val
@@ -185,5 +243,9 @@ def build_datasets(cfg, splits: Splits, classes: Classes, on_device: bool = Fals
         size=d.image_size,
         seed=cfg.seed,
         on_device=on_device,
+        eval_crop=eval_crop or (EVAL_CROP_FRACTION, "bilinear"),
     )
-    return ImageDataset(splits.train, random=d.augment, **common), ImageDataset(splits.val, random=False, **common)
+    train = ImageDataset(
+        splits.train, random=d.augment, augmentation=augmentation, mixing=Mixing.from_config(d), **common
+    )
+    return train, ImageDataset(splits.val, random=False, **common)

@@ -158,7 +158,8 @@ def _dataset(cfg, card: ModelCard, chosen: EvalSplit, out_dir: Path):
     # check_images checks a run's two splits: this one as the validation split, beside an empty training split
     splits = Splits(chosen.ds.select([]), chosen.ds, list(card.class_names), chosen.name, classes.label_kind)
     ds = check_images(cfg, splits, out_dir).val
-    _, dataset = build_datasets(cfg, dataclasses.replace(splits, train=ds, val=ds), classes)
+    eval_crop = (card.crop_pct, card.interpolation)  # the model's evaluation crop, as in training
+    _, dataset = build_datasets(cfg, dataclasses.replace(splits, train=ds, val=ds), classes, eval_crop=eval_crop)
     return dataset
 
 

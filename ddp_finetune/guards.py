@@ -42,19 +42,26 @@ class NonFiniteGuard:
         self.counts[2] = float("nan")
         self._found: torch.Tensor | None = None
 
-    def before_update(self, optimizer, grads: list[torch.Tensor], grad_norm: torch.Tensor | None, loss) -> None:
-        """Decide on the device whether this step's gradients are finite; hand the verdict to `optimizer`."""
+    def before_update(self, optimizer, grads: list[torch.Tensor], grad_norm: torch.Tensor | None, loss) -> bool:
+        """Decide on the device whether this step's gradients are finite; hand the verdict to `optimizer`.
+
+        Returns whether to call `optimizer.step()`: always for a fused optimizer (it reads the verdict
+        on the device); for one without fused kernels (`optim.name: radam`, ...) the verdict is read
+        here, a host sync per step, and a non-finite step is not taken."""
         step_loss = loss.detach().to(torch.float64)
         self.counts[2] = torch.where(torch.isfinite(step_loss), step_loss, self.counts[2])
         if not self.on_device or not grads:
             self._found = None
-            return
+            return True
         if grad_norm is None:
             grad_norm = torch.nn.utils.get_total_norm(grads)
         found = (~torch.isfinite(grad_norm)).to(torch.float32).reshape(())
         self._found = found
+        if not getattr(optimizer, "_step_supports_amp_scaling", False):
+            return not bool(found.item())
         # the protocol torch's GradScaler uses with fused optimizers: a 0-dim float tensor, 1 = skip
         optimizer.found_inf = found
+        return True
 
     def after_update(self, optimizer, skipped_by_scaler: bool = False) -> None:
         """Count the step as skipped or not (on the device, no sync)."""

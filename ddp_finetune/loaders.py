@@ -9,6 +9,7 @@ depth once, and says why in the start-up lines.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ from torch.utils.data import DataLoader, Sampler, default_collate
 
 from . import distributed as dist_utils
 from .errors import UserError
+from .mixing import Mixing
 from .transforms import EncodedBatch
 
 BATCHES_IN_FLIGHT = 4  # at least this many batches prepared ahead of the step, whatever the worker count
@@ -27,10 +29,26 @@ class EpochSampler(Sampler):
     Keeping only `len // batch_size * batch_size` indices makes every optimizer step see exactly
     one global batch, at any world size and accumulation. It yields (epoch, index): the dataset
     seeds the sample's augmentation from both, also in workers that outlive the epoch.
+
+    `class_weights` (`data.sampler: balanced`: one weight per sample, 1 / its class's count): the
+    epoch's indices are seeded draws with replacement instead, each class equally likely. With
+    them or with `mixing` (Mixup / CutMix) it yields (epoch, index, repeat, partner, partner_repeat):
+    `repeat` counts the earlier draws of `index` in the epoch (a repeated sample is augmented anew),
+    `partner` is the index of the sample of the same global batch mixed into it (-1: none).
+    Every key is a function of (seed, epoch, position), so `skip_first_batches` resumes mid-epoch exactly.
     """
 
-    def __init__(self, length: int, batch_size: int, seed: int, shuffle: bool = True):
+    def __init__(
+        self,
+        length: int,
+        batch_size: int,
+        seed: int,
+        shuffle: bool = True,
+        class_weights: list[float] | None = None,
+        mixing: Mixing | None = None,
+    ):
         self.length, self.batch_size, self.seed, self.shuffle = length, batch_size, seed, shuffle
+        self.class_weights, self.mixing = class_weights, mixing
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -41,15 +59,41 @@ class EpochSampler(Sampler):
 
     def order(self) -> list[int]:
         """This epoch's sample indices, in order."""
-        if self.shuffle:
-            g = torch.Generator()
-            g.manual_seed(self.seed * 7919 + self.epoch)
-            return torch.randperm(self.length, generator=g).tolist()[: len(self)]
-        return list(range(len(self)))
+        if not self.shuffle:
+            return list(range(len(self)))
+        g = torch.Generator()
+        g.manual_seed(self.seed * 7919 + self.epoch)
+        if self.class_weights is not None:
+            weights = torch.tensor(self.class_weights, dtype=torch.float64)
+            return torch.multinomial(weights, len(self), replacement=True, generator=g).tolist()
+        return torch.randperm(self.length, generator=g).tolist()[: len(self)]
+
+    def keys(self) -> list[tuple]:
+        """This epoch's keys, as the dataset receives them."""
+        epoch, order = self.epoch, self.order()
+        if self.class_weights is None and self.mixing is None:
+            return [(epoch, index) for index in order]
+        seen: dict[int, int] = {}
+        repeats = []
+        for index in order:
+            repeats.append(seen.get(index, 0))
+            seen[index] = repeats[-1] + 1
+        keys = []
+        for start in range(0, len(order), self.batch_size):
+            batch, reps = order[start : start + self.batch_size], repeats[start : start + self.batch_size]
+            partners = self.mixing.partners(self.seed, epoch, batch, reps) if self.mixing else [-1] * len(batch)
+            for index, repeat, p in zip(batch, reps, partners):
+                keys.append((epoch, index, repeat, batch[p] if p >= 0 else -1, reps[p] if p >= 0 else 0))
+        return keys
 
     def __iter__(self):
-        epoch = self.epoch
-        return iter([(epoch, index) for index in self.order()])
+        return iter(self.keys())
+
+
+def balanced_weights(labels: list[int]) -> list[float]:
+    """Each sample's draw weight for `data.sampler: balanced`: 1 / the count of its class."""
+    counts = Counter(labels)
+    return [1.0 / counts[label] for label in labels]
 
 
 @dataclass(frozen=True)
@@ -122,7 +166,9 @@ def build_loaders(cfg, train_ds, val_ds, plan: LoaderPlan):
             f"the training split has {len(train_ds)} images, fewer than train.batch_size={cfg.train.batch_size}; "
             "lower train.batch_size or add data"
         )
-    sampler = EpochSampler(len(train_ds), cfg.train.batch_size, cfg.seed)
+    weights = balanced_weights(train_ds.class_indices()) if cfg.data.sampler == "balanced" else None
+    mixing = Mixing.from_config(cfg.data)
+    sampler = EpochSampler(len(train_ds), cfg.train.batch_size, cfg.seed, class_weights=weights, mixing=mixing)
     train_dl = _loader(train_ds, plan, cfg.seed, batch_size=micro, sampler=sampler, drop_last=True)
     val_dl = _loader(val_ds, plan, cfg.seed, batch_size=cfg.train.eval_batch_size or cfg.train.batch_size)
     return train_dl, val_dl, sampler

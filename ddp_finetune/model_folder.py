@@ -53,6 +53,8 @@ class ModelCard:
     mean: tuple[float, ...]  # normalization the model was trained with (models' Parts)
     std: tuple[float, ...]
     threshold: float | None = None  # binary / multilabel
+    crop_pct: float = 0.875  # evaluation crop of the model (timm's pretrained_cfg; torchvision's 0.875)
+    interpolation: str = "bilinear"  # evaluation resize of the model
     ignore_index: int | None = None  # segmentation: the mask value that is no class
     weights_from: str | None = None  # model.weights the training started from
     version: int = CARD_VERSION
@@ -74,6 +76,8 @@ def make_card(cfg: Config, class_names, outputs: int, parts: Parts) -> ModelCard
         mean=tuple(float(m) for m in parts.mean),
         std=tuple(float(s) for s in parts.std),
         threshold=THRESHOLD if cfg.task in ("binary", "multilabel") else None,
+        crop_pct=float(parts.crop_pct),
+        interpolation=parts.interpolation,
         ignore_index=cfg.loss.ignore_index if cfg.task == "segmentation" else None,
         weights_from=cfg.model.weights,
     )

@@ -179,11 +179,12 @@ def needed_bytes(cfg, model, existing_checkpoints: int) -> tuple[int, int]:
     """(bytes a run still needs in output_dir, bytes of one checkpoint), an upper bound.
 
     A checkpoint holds the weights plus the optimizer's state (SGD momentum: one copy of the
-    weights, AdamW: two); `keep_last` stay on disk plus the one being written before the oldest
+    weights, AdamW and the others: at most two); `keep_last` stay on disk plus the one being written before the oldest
     is pruned; `final/` takes the weights twice while a new one replaces an old one.
     """
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    copies = 2 if cfg.optim.name == "adamw" else (1 if cfg.optim.momentum else 0)
+    # SGD keeps one copy (momentum) or none; the others at most two (AdamW, RMSprop with momentum)
+    copies = (1 if cfg.optim.momentum else 0) if cfg.optim.name.lower() == "sgd" else 2
     checkpoint = weights * (1 + copies)
     more = max(cfg.checkpoint.keep_last + 1 - existing_checkpoints, 1)
     return more * checkpoint + 2 * weights, checkpoint

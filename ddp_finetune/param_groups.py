@@ -18,11 +18,14 @@ state_dict, so they survive a resume.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .models import Parts
+from .optimizers import optimizer_class
 
 NO_DECAY_SUFFIX = "_no_decay"
 
@@ -124,28 +127,48 @@ def build_param_groups(model: nn.Module, parts: Parts, optim_cfg) -> list[dict]:
 
 
 def make_optimizer(groups: list[dict], optim_cfg, fused: bool = False) -> torch.optim.Optimizer:
-    """SGD (with `optim.momentum`) or AdamW (with `optim.betas`); lr and weight decay come per group.
+    """Any `torch.optim` optimizer by `optim.name`, with `optim.args` as keyword arguments; lr and weight decay
+    come per group. SGD takes `optim.momentum`, optimizers with betas (Adam, AdamW, NAdam, ...) `optim.betas`,
+    unless `optim.args` sets them.
 
-    `fused=True`: torch's fused kernels (CPU and CUDA), which can skip a step on the device when
-    handed `found_inf` (guards.NonFiniteGuard). SGD's momentum buffers then start at zero rather
+    `fused=True`: torch's fused kernels where the optimizer has them (SGD, Adam, AdamW, Adagrad; CPU
+    and CUDA), which can skip a step on the device when handed `found_inf` (guards.NonFiniteGuard);
+    the others run torch's default implementation (foreach on CUDA) and the guard skips their
+    non-finite steps from the host. SGD's momentum buffers then start at zero rather
     than at the first gradient, so a skipped first step leaves no uninitialized buffer behind; with
     dampening 0 the first real step gives the same buffer (0.9 x 0 + g = g).
     """
-    if optim_cfg.name == "sgd":
-        optimizer = torch.optim.SGD(
-            groups, lr=optim_cfg.lr, momentum=optim_cfg.momentum, weight_decay=optim_cfg.weight_decay, fused=fused
-        )
-        if fused and optim_cfg.momentum:
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    if p.requires_grad:  # a backbone frozen for the whole run never steps
-                        optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return optimizer
-    if optim_cfg.name == "adamw":
-        return torch.optim.AdamW(
-            groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), weight_decay=optim_cfg.weight_decay, fused=fused
-        )
-    raise UserError(f"optim.name={optim_cfg.name!r} is not one of sgd, adamw")
+    cls = optimizer_class(optim_cfg.name)
+    accepted = inspect.signature(cls.__init__).parameters
+    args = dict(getattr(optim_cfg, "args", None) or {})
+    for key in ("params", "lr", "weight_decay"):
+        if key in args:
+            raise UserError(f"optim.args.{key} is set per group by the package; use optim.{key} instead")
+    if optim_cfg.weight_decay > 0 and "weight_decay" not in accepted:
+        raise UserError(f"optim.weight_decay={optim_cfg.weight_decay} is not taken by {cls.__name__}; set it to 0")
+    kwargs = {"lr": optim_cfg.lr}
+    if "weight_decay" in accepted:
+        kwargs["weight_decay"] = optim_cfg.weight_decay
+    if cls is torch.optim.SGD:
+        kwargs["momentum"] = optim_cfg.momentum
+    if "betas" in accepted:
+        kwargs["betas"] = tuple(optim_cfg.betas)
+    kwargs.update(args)
+    if fused and "fused" in accepted and "fused" not in args:
+        kwargs["fused"] = True
+    try:
+        optimizer = cls(groups, **kwargs)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        shown = {k: v for k, v in kwargs.items() if k != "fused"}
+        raise UserError(
+            f"optim.name={optim_cfg.name} cannot be built with {shown} ({first_line(exc)}); fix optim.args"
+        ) from None
+    if getattr(optimizer, "_step_supports_amp_scaling", False) and cls is torch.optim.SGD and kwargs["momentum"]:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.requires_grad:  # a backbone frozen for the whole run never steps
+                    optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return optimizer
 
 
 def restore_fused(optimizer: torch.optim.Optimizer) -> None:

@@ -142,8 +142,10 @@ def input_transform(card: ModelCard):
     evaluation's crop (classifiers) or the whole image resized (segmenters)."""
     from torchvision.transforms.v2.functional import pil_to_tensor
 
-    view = whole_view if card.task == "segmentation" else eval_view
-    return lambda image: view(pil_to_tensor(image), card.image_size)
+    if card.task == "segmentation":
+        return lambda image: whole_view(pil_to_tensor(image), card.image_size)
+    # the model's own evaluation crop (timm's crop_pct and interpolation), as training evaluated it
+    return lambda image: eval_view(pil_to_tensor(image), card.image_size, False, card.crop_pct, card.interpolation)
 
 
 class PredictImages(Dataset):

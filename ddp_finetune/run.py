@@ -231,6 +231,9 @@ def build_run(cfg: Config, inputs: Inputs | None = None) -> Run:
         else:
             model, parts, report = inputs.model, generic_parts(inputs.model, inputs.head), LoadReport()
     check_free_space(cfg, model, len(list_checkpoints(cfg.output_dir)))
+    if cfg.task != "segmentation" and not inputs.torch_data:
+        # validation uses the model's evaluation crop (timm's crop_pct, interpolation)
+        data.val_set.eval_crop = (parts.crop_pct, parts.interpolation)
     loader_plan = plan_loaders(cfg.data.num_workers, device_type == "cuda")
     train_loader, val_loader, sampler = build_loaders(cfg, data.train_set, data.val_set, loader_plan)
 
@@ -310,11 +313,29 @@ def start_lines(run: Run) -> list[str]:
     if loaded:
         lines.append(loaded)
     lines.append(f"{run.report.loader_plan.describe()}; images {run.report.decode_note}, normalized on {a.device.type}")
+    lines.append(augmentation_line(cfg))
     lines.append(loss_line(run))
     lines.append(describe_groups(run.report.groups))
     lines.append(run.freeze.plan.describe())
     lines.append(run.schedule.describe())
     return lines
+
+
+def augmentation_line(cfg: Config) -> str:
+    """What the training images go through, and in which order the samples come."""
+    d, parts = cfg.data, []
+    if d.augment:
+        parts.append(f"crop scale {d.crop_scale} ratio [{d.crop_ratio[0]:.3g}, {d.crop_ratio[1]:.3g}]")
+        parts += ["horizontal flip"] if d.hflip else []
+        parts += [f"policy {d.policy}"] if d.policy != "none" else []
+        parts += [f"colour jitter {d.color_jitter}"] if d.color_jitter else []
+        parts += [f"random erasing p={d.random_erasing}"] if d.random_erasing else []
+    if d.mixup_alpha or d.cutmix_alpha:
+        kinds = [f"{n} alpha {a}" for n, a in (("Mixup", d.mixup_alpha), ("CutMix", d.cutmix_alpha)) if a]
+        parts.append(f"{' / '.join(kinds)} with partners from the global batch (p={d.mix_prob})")
+    what = ", ".join(parts) or "none (evaluation view)"
+    order = "class-balanced draws with replacement" if d.sampler == "balanced" else "a seeded permutation per epoch"
+    return f"augmentation: {what}; sampling: {order}"
 
 
 def loss_line(run: Run) -> str:

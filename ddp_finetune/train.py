@@ -162,8 +162,8 @@ def optimizer_step(run: Run, micro_batches: list, epoch: int, window: Window) ->
             if grad_norm is not None
             else torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in grads]))
         )
-    run.guard.before_update(run.raw_optimizer, grads, grad_norm, step_loss)
-    run.optimizer.step()
+    if run.guard.before_update(run.raw_optimizer, grads, grad_norm, step_loss):
+        run.optimizer.step()
     run.guard.after_update(run.raw_optimizer, skipped_by_scaler=a.optimizer_step_was_skipped)
     run.optimizer.zero_grad(set_to_none=True)
 

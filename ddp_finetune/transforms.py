@@ -17,6 +17,7 @@ same way whichever rank, worker, restart or decoding device handles it.
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from dataclasses import dataclass, field
@@ -29,21 +30,30 @@ CROP_SCALE = (0.08, 1.0)  # RandomResizedCrop's defaults: area fraction and aspe
 CROP_RATIO = (3 / 4, 4 / 3)
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
+# Independent streams of one sample (`sample_seed`'s `stream`): the crop and flip, the photometric
+# transforms (policy, colour jitter, random erasing), and the Mixup / CutMix draws
+CROP_STREAM, PHOTOMETRIC_STREAM, MIX_STREAM = 0, 1, 2
+
+
+def sample_seed(seed: int, epoch: int, index: int, stream: int = 0, repeat: int = 0) -> int:
     """A 64-bit seed for one sample's random transform, a hash of (seed, epoch, index).
 
     numpy's SeedSequence mixes the triple, so distinct triples give unrelated streams: no two
     samples of any epoch or run seed share a crop (a linear formula such as
     seed*a + epoch*b + index makes (epoch e, index i+b) collide with (epoch e+1, index i)).
+    `stream` picks one of the sample's independent streams (`CROP_STREAM`, ...); `repeat` counts
+    earlier draws of the same index in the epoch (`data.sampler: balanced` draws with replacement),
+    so a repeated sample is augmented anew. Both 0: the triple alone, as before they existed.
     """
-    low, high = np.random.SeedSequence([seed, epoch, int(index)]).generate_state(2, dtype=np.uint32)
+    words = [seed, epoch, int(index)] + ([stream, repeat] if stream or repeat else [])
+    low, high = np.random.SeedSequence(words).generate_state(2, dtype=np.uint32)
     return int(high) << 32 | int(low)
 
 
-def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
+def sample_rng(seed: int, epoch: int, index: int, stream: int = 0, repeat: int = 0) -> random.Random:
     """One sample's random stream: it depends on (seed, epoch, index) only, not on which rank, worker or
     restart loads the sample, and it leaves torch's global RNG alone (dropout draws from that one)."""
-    return random.Random(sample_seed(seed, epoch, index))
+    return random.Random(sample_seed(seed, epoch, index, stream, repeat))
 
 
 @dataclass(frozen=True)
@@ -85,6 +95,89 @@ def draw_crop(rng: random.Random, height: int, width: int, scale=CROP_SCALE, rat
     return Crop((height - h) // 2, (width - w) // 2, h, w, rng.random() < 0.5)
 
 
+POLICIES = ("none", "randaugment", "trivialaugment", "autoaugment", "augmix")
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """The training augmentation of `data.*`: the crop box and flip (`draw_crop`, drawn in the workers
+    and applied by either decoding path), then torchvision v2's photometric transforms on the image.
+
+        aug = Augmentation.from_config(cfg.data)
+        crop = aug.draw_crop(sample_rng(seed, epoch, index), h, w)
+        x = aug.photometric(train_view(image, crop, size), sample_seed(seed, epoch, index, PHOTOMETRIC_STREAM))
+
+    The v2 transforms draw from torch's global RNG; `photometric` runs them in a fork of it seeded
+    from the sample's own stream, so they too depend on (seed, epoch, index) only, and the global
+    RNG (dropout's) is left as it was.
+    """
+
+    scale: tuple[float, float] = CROP_SCALE
+    ratio: tuple[float, float] = CROP_RATIO
+    hflip: bool = True
+    policy: str = "none"
+    policy_magnitude: int | None = None
+    policy_ops: int = 2
+    color_jitter: float = 0.0
+    random_erasing: float = 0.0
+
+    @classmethod
+    def from_config(cls, d) -> Augmentation:
+        return cls(
+            scale=tuple(d.crop_scale),
+            ratio=tuple(d.crop_ratio),
+            hflip=d.hflip,
+            policy=d.policy,
+            policy_magnitude=d.policy_magnitude,
+            policy_ops=d.policy_ops,
+            color_jitter=d.color_jitter,
+            random_erasing=d.random_erasing,
+        )
+
+    @property
+    def has_photometric(self) -> bool:
+        return self.policy != "none" or self.color_jitter > 0 or self.random_erasing > 0
+
+    def draw_crop(self, rng: random.Random, height: int, width: int) -> Crop:
+        crop = draw_crop(rng, height, width, self.scale, self.ratio)
+        # the coin is drawn either way: turning flips off leaves every crop where it was
+        return crop if self.hflip else Crop(crop.top, crop.left, crop.height, crop.width, False)
+
+    @functools.cached_property
+    def transforms(self):
+        """The v2 photometric transforms in order (policy, colour jitter, random erasing), or None."""
+        if not self.has_photometric:
+            return None
+        from torchvision.transforms import v2
+
+        steps = []
+        if self.policy == "randaugment":
+            magnitude = 9 if self.policy_magnitude is None else self.policy_magnitude
+            steps.append(v2.RandAugment(num_ops=self.policy_ops, magnitude=magnitude))
+        elif self.policy == "trivialaugment":
+            steps.append(v2.TrivialAugmentWide())
+        elif self.policy == "autoaugment":
+            steps.append(v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET))
+        elif self.policy == "augmix":
+            steps.append(v2.AugMix(severity=3 if self.policy_magnitude is None else self.policy_magnitude))
+        if self.color_jitter > 0:
+            j = self.color_jitter
+            steps.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j))
+        if self.random_erasing > 0:
+            steps.append(v2.RandomErasing(p=self.random_erasing, value=0))
+        return v2.Compose(steps)
+
+    def photometric(self, image: torch.Tensor, seed: int) -> torch.Tensor:
+        """`transforms` applied to a uint8 (3, S, S) image with torch's RNG forked and seeded by `seed`."""
+        if not self.has_photometric:
+            return image
+        from torchvision import tv_tensors
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transforms(tv_tensors.Image(image)).as_subclass(torch.Tensor)
+
+
 def train_view(image: torch.Tensor, crop: Crop, size: int, mask: bool = False) -> torch.Tensor:
     """The crop resized to size x size (antialiased bilinear; masks nearest), flipped if drawn so.
     `image`: uint8 (C, H, W) or a (H, W) mask, on any device."""
@@ -97,11 +190,20 @@ def train_view(image: torch.Tensor, crop: Crop, size: int, mask: bool = False) -
     return x.as_subclass(torch.Tensor)
 
 
-def eval_view(image: torch.Tensor, size: int, mask: bool = False) -> torch.Tensor:
-    """Shorter side to size / 0.875, then the centre size x size (torchvision's evaluation transform)."""
+def eval_view(
+    image: torch.Tensor,
+    size: int,
+    mask: bool = False,
+    crop_fraction: float = EVAL_CROP_FRACTION,
+    interpolation: str = "bilinear",
+) -> torch.Tensor:
+    """Shorter side to size / crop_fraction, then the centre size x size (torchvision's evaluation transform;
+    timm models pass their `pretrained_cfg`'s `crop_pct` and `interpolation`; masks are always nearest)."""
+    from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as F
 
-    x = F.resize(_typed(image, mask), [int(round(size / EVAL_CROP_FRACTION))], antialias=True)
+    how = InterpolationMode.NEAREST if mask else InterpolationMode(interpolation)
+    x = F.resize(_typed(image, mask), [int(round(size / crop_fraction))], interpolation=how, antialias=True)
     return F.center_crop(x, [size, size]).as_subclass(torch.Tensor)
 
 

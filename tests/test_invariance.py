@@ -45,3 +45,35 @@ def test_two_processes_that_do_not_divide_the_batch_fail_clearly(tmp_path, image
     proc = launch_2proc("train", config, check=False)
     assert proc.returncode != 0
     assert "train.batch_size=5 does not divide by 2 processes" in proc.stderr
+
+
+RECIPE = dict(
+    data={
+        "augment": True,
+        "val_fraction": 0.2,
+        "policy": "randaugment",
+        "color_jitter": 0.3,
+        "random_erasing": 0.3,
+        "mixup_alpha": 0.4,
+        "cutmix_alpha": 1.0,
+        "sampler": "balanced",
+    },
+    loss={"label_smoothing": 0.1},
+    train={"epochs": 2, "batch_size": 6, "eval_batch_size": 4},
+)
+
+
+def test_the_augmentation_recipe_trains_the_same_on_two_processes_as_one_accumulating_two(tmp_path, image_folder):
+    """Policy, colour jitter, erasing, Mixup / CutMix partners and balanced draws come from per-sample
+    streams over the global batch: 2 ranks (3 samples each) = 1 process with grad_accum 2 (3 per micro-batch)."""
+    one = tiny_config(tmp_path / "one", image_folder, **RECIPE)
+    two = tiny_config(tmp_path / "two", image_folder, **RECIPE)
+    fit_in_process(one, "train.grad_accum=2")
+    proc = launch_2proc("train", two)
+    assert "world size 2" in proc.stdout and "Mixup alpha 0.4 / CutMix alpha 1.0" in proc.stdout
+    s1, s2 = read_summary(tmp_path / "one" / "run"), read_summary(tmp_path / "two" / "run")
+    assert s1["per_device_batch_size"] == s2["per_device_batch_size"] == 3
+    assert max_abs_diff(load_weights(tmp_path / "one" / "run"), load_weights(tmp_path / "two" / "run")) <= 1e-5
+    l1 = [r["loss"] for r in read_metrics(tmp_path / "one" / "run") if r["split"] == "train"]
+    l2 = [r["loss"] for r in read_metrics(tmp_path / "two" / "run") if r["split"] == "train"]
+    assert l2 == pytest.approx(l1, abs=1e-5)

@@ -224,3 +224,58 @@ def test_head_prefix_matching_nothing_is_a_user_error():
     assert (
         sum(p.numel() for g in groups if g["role"] == "head" for p in g["params"]) == 1024 * NUM_CLASSES + NUM_CLASSES
     )
+
+
+@pytest.mark.parametrize(
+    "name, cls, fused",
+    [
+        ("RAdam", torch.optim.RAdam, False),
+        ("nadam", torch.optim.NAdam, False),
+        ("rmsprop", torch.optim.RMSprop, False),
+        ("adagrad", torch.optim.Adagrad, True),
+        ("adam", torch.optim.Adam, True),
+    ],
+)
+def test_any_torch_optimizer_by_name_keeps_the_groups(name, cls, fused):
+    model, parts = resnet18()
+    groups = build_param_groups(model, parts, optim(layer_decay=0.7))
+    args = {"eps": 1e-6} if name != "rmsprop" else {"alpha": 0.95}
+    opt = make_optimizer(groups, optim(name=name, args=args), fused=True)
+    assert type(opt) is cls
+    assert [(g["name"], g["lr"], g["weight_decay"]) for g in opt.param_groups] == [
+        (g["name"], g["lr"], g["weight_decay"]) for g in groups
+    ]
+    key, value = next(iter(args.items()))
+    assert {g[key] for g in opt.param_groups} == {value}
+    # fused kernels where torch has them: they skip a non-finite step on the device (guards.py)
+    assert bool(getattr(opt, "_step_supports_amp_scaling", False)) == fused
+    if "betas" in opt.defaults:
+        assert opt.defaults["betas"] == (0.9, 0.999)
+
+
+def test_optimizer_arguments_that_cannot_work_are_one_line_errors():
+    model, parts = resnet18()
+    groups = build_param_groups(model, parts, optim())
+    for cfg, message in [
+        (optim(name="lbfgs"), "needs a closure"),
+        (optim(name="adamw", args={"lr": 0.1}), "optim.args.lr is set per group"),
+        (optim(name="rprop"), "optim.weight_decay=0.0001 is not taken by Rprop"),
+        (optim(name="adamw", args={"nesterov": True}), "cannot be built with"),
+    ]:
+        with pytest.raises(UserError, match=message) as info:
+            make_optimizer(groups, cfg)
+        assert "\n" not in str(info.value)
+
+
+def test_an_optimizer_without_fused_kernels_skips_non_finite_steps_from_the_host():
+    from ddp_finetune.guards import NonFiniteGuard
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    opt = make_optimizer([{"params": [weight], "lr": 0.1, "base_lr": 0.1, "weight_decay": 0.0}], optim(name="radam"))
+    guard = NonFiniteGuard("cpu", limit=5)
+    weight.grad = torch.tensor([1.0, float("nan"), 0.0])
+    assert guard.before_update(opt, [weight.grad], None, torch.tensor(1.0)) is False
+    guard.after_update(opt)
+    assert torch.equal(weight.detach(), torch.ones(3)) and guard.check(1)["nonfinite_steps"] == 1
+    weight.grad = torch.ones(3)
+    assert guard.before_update(opt, [weight.grad], None, torch.tensor(1.0)) is True

@@ -60,3 +60,47 @@ def test_two_processes_resume_is_bit_identical(tmp_path, images):
     a, b = tmp_path / "whole" / "run", tmp_path / "parts" / "run"
     assert max_abs_diff(load_weights(a), load_weights(b)) == 0.0
     assert _train_losses(a) == _train_losses(b)
+
+
+def _recipe_configs(tmp_path, images):
+    sections = dict(
+        model={"name": "resnet18", "freeze_bn": True},
+        data={
+            "augment": True,
+            "image_size": 32,
+            "num_workers": 1,
+            "policy": "trivialaugment",
+            "random_erasing": 0.5,
+            "mixup_alpha": 0.4,
+            "cutmix_alpha": 1.0,
+            "sampler": "balanced",
+        },
+        train={"epochs": 2, "batch_size": 6},
+        optim={"name": "nadam", "lr": 0.001},
+    )
+    whole = tiny_config(tmp_path / "whole", images, **sections)
+    parts = tiny_config(tmp_path / "parts", images, checkpoint={"every_n_steps": 4}, **sections)
+    return whole, parts
+
+
+def test_resume_is_bit_identical_with_the_balanced_sampler_mixing_and_a_policy(tmp_path, images):
+    """The sampler's keys (balanced draws, repeats, Mixup / CutMix partners) are a function of (seed,
+    epoch, position), so skipping the consumed batches resumes them exactly; with workers."""
+    whole, parts = _recipe_configs(tmp_path, images)
+    fit_in_process(whole)
+    fit_in_process(parts, "train.max_steps=4")  # stops mid-epoch 2 (3 steps per epoch)
+    fit_in_process(parts, "checkpoint.resume=auto")
+    a, b = tmp_path / "whole" / "run", tmp_path / "parts" / "run"
+    assert max_abs_diff(load_weights(a), load_weights(b)) == 0.0
+    assert _train_losses(a) == _train_losses(b)
+
+
+@pytest.mark.slow
+def test_two_processes_resume_is_bit_identical_with_the_balanced_sampler_and_mixing(tmp_path, images):
+    whole, parts = _recipe_configs(tmp_path, images)
+    launch_2proc("train", whole)
+    launch_2proc("train", parts, "train.max_steps=4")
+    launch_2proc("train", parts, "checkpoint.resume=auto")
+    a, b = tmp_path / "whole" / "run", tmp_path / "parts" / "run"
+    assert max_abs_diff(load_weights(a), load_weights(b)) == 0.0
+    assert _train_losses(a) == _train_losses(b)

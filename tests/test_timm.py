@@ -231,3 +231,75 @@ def test_one_and_two_processes_train_the_same_timm_model(tmp_path, images):
     l1 = [r["loss"] for r in read_metrics(tmp_path / "one" / "run") if r["split"] == "train"]
     l2 = [r["loss"] for r in read_metrics(tmp_path / "two" / "run") if r["split"] == "train"]
     assert l2 == pytest.approx(l1, abs=1e-5)
+
+
+# --------------------------------------------------------------------------- evaluation crop, stochastic depth, checkpointing
+
+
+def test_the_models_evaluation_crop_and_interpolation_reach_validation_and_the_card(tmp_path, images):
+    """resnet18.a1_in1k's pretrained_cfg says crop_pct 0.95, bicubic (torchvision's evaluation: 0.875, bilinear)."""
+    import timm
+
+    from ddp_finetune.datasets import ImageDataset
+    from ddp_finetune.model_folder import make_card
+    from ddp_finetune.transforms import eval_view
+
+    _, parts, _ = build("resnet18.a1_in1k", meta=True)
+    cfg = timm.models.get_pretrained_cfg("resnet18.a1_in1k")
+    assert (parts.crop_pct, parts.interpolation) == (cfg.crop_pct, cfg.interpolation) == (0.95, "bicubic")
+    run_cfg = load_config(timm_config(tmp_path, images, "resnet18.a1_in1k"))
+    card = make_card(run_cfg, ["a", "b", "c"], 3, parts)
+    assert (card.crop_pct, card.interpolation) == (0.95, "bicubic")
+    image = torch.randint(0, 256, (3, 40, 50), dtype=torch.uint8)
+    ours = eval_view(image, 32, False, card.crop_pct, card.interpolation)
+    from torchvision.transforms import v2
+
+    expected = v2.Compose([v2.Resize(round(32 / 0.95), interpolation=v2.InterpolationMode.BICUBIC), v2.CenterCrop(32)])
+    assert torch.equal(ours, expected(image))
+    assert not torch.equal(ours, eval_view(image, 32))  # torchvision's 0.875 bilinear differs
+    # a run's validation set is given the model's crop (run.build_run), and final/model.json says it
+    from helpers import fresh_accelerate
+
+    from ddp_finetune.run import build_run
+
+    with fresh_accelerate():
+        run = build_run(run_cfg)
+        val = run.val_loader.dataset
+        assert isinstance(val, ImageDataset) and val.eval_crop == (0.95, "bicubic")
+        run.accelerator.end_training()
+
+
+def test_drop_path_rate_and_grad_checkpointing_reach_the_model():
+    model, _, _ = build("convnext_atto", drop_path_rate=0.3)
+    rates = [m.drop_prob for m in model.modules() if type(m).__name__ == "DropPath"]
+    assert rates and max(rates) == pytest.approx(0.3)
+    model, _, _ = build("convnext_atto", grad_checkpointing=True)
+    assert all(stage.grad_checkpointing for stage in model.stages)
+    x = torch.randn(2, 3, SIZE, SIZE, requires_grad=True)
+    model.train()
+    model(x).sum().backward()  # recomputed in backward, gradients still arrive
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    from torchvision.ops import StochasticDepth
+
+    tv, _, _ = build_model(ModelConfig(name="efficientnet_b0", drop_path_rate=0.4), 3)
+    assert max(m.p for m in tv.modules() if isinstance(m, StochasticDepth)) == pytest.approx(0.4 * 15 / 16)
+    with pytest.raises(UserError, match="resnet18 has no stochastic depth"):
+        build_model(ModelConfig(name="resnet18", drop_path_rate=0.1), 3)
+    with pytest.raises(UserError, match="no checkpointing switch"):
+        build_model(ModelConfig(name="resnet18", grad_checkpointing=True), 3)
+    dense, _, _ = build_model(ModelConfig(name="densenet121", grad_checkpointing=True), 3)
+    assert all(m.memory_efficient for m in dense.modules() if type(m).__name__ == "_DenseLayer")
+
+
+def test_predict_crops_as_the_model_was_evaluated(tmp_path, images):
+    from PIL import Image
+
+    from ddp_finetune.model_folder import make_card
+    from ddp_finetune.predict import input_transform
+    from ddp_finetune.transforms import eval_view
+
+    _, parts, _ = build("resnet18.a1_in1k", meta=True)
+    card = make_card(load_config(timm_config(tmp_path, images, "resnet18.a1_in1k")), ["a", "b", "c"], 3, parts)
+    image = torch.randint(0, 256, (3, 40, 50), dtype=torch.uint8)
+    pil = Image.fromarray(image.permute(1, 2, 0).numpy())
+    assert torch.equal(input_transform(card)(pil), eval_view(image, SIZE, False, 0.95, "bicubic"))

@@ -19,7 +19,8 @@ MODES: tuple[str, ...] = typing.get_args(LossMode)
 _EXPECTED = {
     "binary": "logits (N,), (N, 1) or (N, 1, H, W) and float targets in [0, 1] of the same shape or without the channel dim",
     "multilabel": "logits (N, C) or (N, C, H, W) and float multi-hot targets in [0, 1] of the same shape",
-    "multiclass": "logits (N, C) or (N, C, H, W) with C >= 2 and integer class-index targets (N,) or (N, H, W) in [0, C)",
+    "multiclass": "logits (N, C) or (N, C, H, W) with C >= 2 and integer class-index targets (N,) or (N, H, W) in [0, C), "
+    "or class probabilities of the logits' shape",
 }
 
 
@@ -42,6 +43,7 @@ class Batch:
     loss: str
     shapes: str
     expected: str
+    soft: bool = False  # multiclass with class probabilities (N, C, L) as targets (Mixup / CutMix, label smoothing)
 
     @property
     def num_classes(self) -> int:
@@ -55,7 +57,7 @@ class Batch:
 
         A comparison with the class indices rather than `F.one_hot`, which reads the targets'
         minimum and maximum back to the host on CPU (a sync per call)."""
-        if self.mode == "multiclass":
+        if self.mode == "multiclass" and not self.soft:
             classes = torch.arange(self.num_classes, device=self.t.device).view(1, -1, 1)
             return (self.t.unsqueeze(1) == classes).to(self.x.dtype)
         return self.t
@@ -68,7 +70,7 @@ def _fail(loss: str, mode: str, logits: Tensor, targets: Tensor, problem: str) -
     )
 
 
-def _check_shapes(loss: str, logits: Tensor, targets: Tensor, mode: str) -> None:
+def _check_shapes(loss: str, logits: Tensor, targets: Tensor, mode: str, soft_ok: bool = False) -> None:
     shape, tshape = tuple(logits.shape), tuple(targets.shape)
     problem = None
     if mode == "binary":
@@ -83,19 +85,31 @@ def _check_shapes(loss: str, logits: Tensor, targets: Tensor, mode: str) -> None
         problem = "target shape does not match the logits"
     elif mode == "multiclass" and shape[1] < 2:
         problem = "multiclass needs C >= 2 channels (use binary for one logit)"
-    elif mode == "multiclass" and tshape != shape[:1] + shape[2:]:
+    elif mode == "multiclass" and tshape != shape[:1] + shape[2:] and not (soft_ok and _soft(logits, targets, mode)):
         problem = "target shape does not match the logits without their channel dim"
     if problem:
         raise _fail(loss, mode, logits, targets, problem)
     floating = targets.is_floating_point()
+    if soft_ok and _soft(logits, targets, mode):
+        return
     if mode == "multiclass" and (floating or targets.dtype == torch.bool or targets.is_complex()):
         raise _fail(loss, mode, logits, targets, "targets must be integer class indices (use targets.long())")
     if mode != "multiclass" and not floating:
         raise _fail(loss, mode, logits, targets, "targets must be floating point (use targets.float())")
 
 
-def prepare(loss: str, logits: Tensor, targets: Tensor, mode: str, ignore_index: int | None) -> Batch:
+def _soft(logits: Tensor, targets: Tensor, mode: str) -> bool:
+    """Multiclass targets given as class probabilities: floats of the logits' own shape (N, C, *S)."""
+    return mode == "multiclass" and targets.is_floating_point() and targets.shape == logits.shape
+
+
+def prepare(
+    loss: str, logits: Tensor, targets: Tensor, mode: str, ignore_index: int | None, soft_ok: bool = False
+) -> Batch:
     """Check shapes and dtypes (a UserError naming both shapes), flatten, mask `ignore_index`.
+
+    `soft_ok` (cross-entropy, focal): multiclass targets may also be class probabilities of the
+    logits' shape (Mixup / CutMix), each row in [0, 1] and summing to 1.
 
     Out-of-range target values are not checked here: they are counted into `Batch.bad`, which
     travels with the statistics so that every rank learns about them (no host sync here)."""
@@ -107,7 +121,7 @@ def prepare(loss: str, logits: Tensor, targets: Tensor, mode: str, ignore_index:
         )
     if not logits.is_floating_point():
         raise _fail(loss, mode, logits, targets, "logits must be a floating-point tensor")
-    _check_shapes(loss, logits, targets, mode)
+    _check_shapes(loss, logits, targets, mode, soft_ok)
 
     # float32 statistics even for fp16/bf16 logits; float64 stays float64 (gradcheck)
     dtype = torch.promote_types(logits.dtype, torch.float32)
@@ -116,7 +130,18 @@ def prepare(loss: str, logits: Tensor, targets: Tensor, mode: str, ignore_index:
     length = math.prod(logits.shape[2:])
     x = logits.to(dtype).reshape(n, c, length)
     ignored = targets == ignore_index if ignore_index is not None else torch.zeros_like(targets, dtype=torch.bool)
-    if mode == "multiclass":
+    soft = soft_ok and _soft(logits, targets, mode)
+    if soft:
+        # class probabilities: nothing to ignore (ignore_index names a class index); every value in
+        # [0, 1] and every pixel's (sample's) values summing to 1, else they count as bad targets
+        t = targets.to(dtype).reshape(n, c, length)
+        sums_to_one = ((t.sum(1, keepdim=True) - 1).abs() <= 1e-3).expand_as(t)
+        valid = (t >= 0) & (t <= 1) & sums_to_one
+        ignored = torch.zeros_like(valid)
+        t = torch.where(valid, t, torch.zeros_like(t))
+        mask = torch.ones(n, 1, length, dtype=dtype, device=x.device)
+        expected = "class probabilities in [0, 1] summing to 1"
+    elif mode == "multiclass":
         t = targets.reshape(n, length)
         ignored = ignored.reshape(n, length)
         valid = (t >= 0) & (t < c)
@@ -134,7 +159,7 @@ def prepare(loss: str, logits: Tensor, targets: Tensor, mode: str, ignore_index:
     if ignore_index is not None:
         expected += f" or ignore_index={ignore_index}"
     shapes = f"logits {tuple(logits.shape)}, targets {tuple(targets.shape)}; expected {expected}"
-    return Batch(x, t, mask, bad, mode, loss, shapes, expected)
+    return Batch(x, t, mask, bad, mode, loss, shapes, expected, soft)
 
 
 def bad_targets_here(batch: Batch, total: Tensor) -> UserError | None:

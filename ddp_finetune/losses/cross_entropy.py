@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,17 @@ def cross_entropy_sums(batch: Batch, weights: Tensor | None, label_smoothing: fl
     t·(1-ε) + ε/2, summed with per-channel weights, over the summed weights.
     """
     x, m = batch.x, batch.mask
+    if batch.soft:
+        # class probabilities t (Mixup / CutMix): Σ_c w_c·t_c·(-log p_c) over Σ_c w_c·t_c, which is the
+        # hard-label definition above for a one-hot t (torch's own soft-target mean divides by N instead)
+        c = batch.num_classes
+        logp = F.log_softmax(x, dim=1)
+        w_c = weights.view(1, c, 1) if weights is not None else torch.ones_like(logp[:1])
+        per = (1 - label_smoothing) * -(batch.t * w_c * logp).sum(1)
+        if label_smoothing:
+            per = per + label_smoothing / c * -(logp * w_c).sum(1)
+        m = m.squeeze(1)
+        return [(per * m).sum(), ((batch.t * w_c).sum(1) * m).sum()]
     if batch.mode == "multiclass":
         c = batch.num_classes
         logp = F.log_softmax(x, dim=1)
@@ -41,6 +53,7 @@ def cross_entropy_sums(batch: Batch, weights: Tensor | None, label_smoothing: fl
 
 @dataclass(frozen=True)
 class CrossEntropyKernel:
+    soft_targets: ClassVar[bool] = True  # multiclass targets may be class probabilities (Mixup / CutMix)
     label_smoothing: float = 0.0
 
     def statistics(self, batch: Batch, weights: Tensor | None) -> list[Tensor]:

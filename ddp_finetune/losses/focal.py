@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -31,12 +32,21 @@ def _focal_factor(one_minus_p: Tensor, gamma: float) -> Tensor:
 
 @dataclass(frozen=True)
 class FocalKernel:
+    soft_targets: ClassVar[bool] = True  # multiclass targets may be class probabilities (Mixup / CutMix)
     alpha: float | None = 0.25
     gamma: float = 2.0
 
     def statistics(self, batch: Batch, weights: Tensor | None) -> list[Tensor]:
         """(Σ focal terms, count) over the non-ignored elements (multiclass: pixels)."""
         x, t = batch.x, batch.t
+        if batch.soft:
+            # class probabilities t (Mixup / CutMix): Σ_c t_c·α_c·(1 − p_c)^γ·(−log p_c), the one-hot case's generalization
+            logp = F.log_softmax(x, dim=1)
+            per = -_focal_factor(-torch.expm1(logp), self.gamma) * logp * t
+            if weights is not None:
+                per = per * weights.view(1, -1, 1)
+            mask = batch.mask.squeeze(1)
+            return [(per.sum(1) * mask).sum(), mask.sum()]
         if batch.mode == "multiclass":
             logp_y = F.log_softmax(x, dim=1).gather(1, t.unsqueeze(1)).squeeze(1)  # (N, L)
             one_minus_p = -torch.expm1(logp_y)  # 1 − p_y without cancellation near p_y = 1

@@ -191,7 +191,8 @@ class Loss(nn.Module):
     # ---------------------------------------------------------------- helpers
 
     def _prepare(self, logits: Tensor, targets: Tensor) -> Batch:
-        return prepare(self.label, logits, targets, self.mode, self.options["ignore_index"])
+        soft_ok = getattr(self.kernel, "soft_targets", False)
+        return prepare(self.label, logits, targets, self.mode, self.options["ignore_index"], soft_ok)
 
     def _weight_tensor(self, batch: Batch) -> Tensor | None:
         if self._weights is None:

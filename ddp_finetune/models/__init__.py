@@ -58,11 +58,16 @@ def build_model(
     name = model_cfg.name
     check_model_name(name, task)
     weights, load_head = model_cfg.weights, model_cfg.load_head
+    # model.drop_path_rate / grad_checkpointing (absent from configs made before they existed)
+    extras = dict(
+        drop_path_rate=getattr(model_cfg, "drop_path_rate", None),
+        grad_checkpointing=getattr(model_cfg, "grad_checkpointing", False),
+    )
     with _empty_weights() if meta else nullcontext():
         if name.startswith(timm_models.PREFIX):
             arch = name.removeprefix(timm_models.PREFIX)
-            return timm_models.build(arch, weights, num_classes, load_head, meta, image_size)
-        return torchvision_families.build(name, weights, num_classes, load_head, meta)
+            return timm_models.build(arch, weights, num_classes, load_head, meta, image_size, **extras)
+        return torchvision_families.build(name, weights, num_classes, load_head, meta, **extras)
 
 
 @contextmanager

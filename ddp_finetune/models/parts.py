@@ -43,6 +43,10 @@ class Parts:
     """Normalization std the weights expect."""
     input_size: int | None = None
     """Image side the weights were trained at (timm's `pretrained_cfg`, torchvision's crop size); None: unknown."""
+    crop_pct: float = 0.875
+    """Evaluation: the centre crop's fraction of the resized image (timm's `pretrained_cfg`; torchvision's 0.875)."""
+    interpolation: str = "bilinear"
+    """Evaluation: the resize's interpolation (`bilinear`, `bicubic`, ...; timm's `pretrained_cfg`)."""
 
     def is_head(self, name: str) -> bool:
         """Whether parameter or module `name` belongs to the head."""

@@ -62,8 +62,20 @@ def check_model_name(name: str, task: str | None = None) -> None:
         raise UserError(f"model.name={PREFIX}{name}: {arch} has no such pretrained tag (tags: {tags})") from None
 
 
-def build(name: str, weights: str | None, num_classes: int, load_head: bool, meta: bool, image_size: int | None):
-    """(model, Parts, LoadReport) of timm model `name`; `meta`: the architecture only, no weights."""
+def build(
+    name: str,
+    weights: str | None,
+    num_classes: int,
+    load_head: bool,
+    meta: bool,
+    image_size: int | None,
+    drop_path_rate: float | None = None,
+    grad_checkpointing: bool = False,
+):
+    """(model, Parts, LoadReport) of timm model `name`; `meta`: the architecture only, no weights.
+
+    `drop_path_rate` (null: the model's default) goes to `timm.create_model`; `grad_checkpointing`
+    turns on timm's own switch (`set_grad_checkpointing`)."""
     timm = _timm()
     if weights is not None and weights != "DEFAULT" and not W.is_local(weights):
         raise UserError(
@@ -71,10 +83,27 @@ def build(name: str, weights: str | None, num_classes: int, load_head: bool, met
             "e.g. timm/resnet18.a1_in1k) or a local .safetensors/.pth file"
         )
     report = LoadReport(weights=weights)
-    if weights == "DEFAULT" and not meta:
-        model = _pretrained(timm, name, report)
-    else:
-        model = timm.create_model(name, pretrained=False)
+    kwargs = {} if drop_path_rate is None else {"drop_path_rate": drop_path_rate}
+    try:
+        if weights == "DEFAULT" and not meta:
+            model = _pretrained(timm, name, report, **kwargs)
+        else:
+            model = timm.create_model(name, pretrained=False, **kwargs)
+    except TypeError as exc:  # a model without stochastic depth
+        if drop_path_rate is None:
+            raise
+        raise UserError(
+            f"model.drop_path_rate={drop_path_rate}: {PREFIX}{name} does not take it ({W.first_line(exc)}); "
+            "set model.drop_path_rate=null"
+        ) from None
+    if grad_checkpointing:
+        try:
+            model.set_grad_checkpointing(True)
+        except (AssertionError, NotImplementedError, AttributeError) as exc:
+            raise UserError(
+                f"model.grad_checkpointing=true: {PREFIX}{name} has no gradient checkpointing in timm "
+                f"({W.first_line(exc) or type(exc).__name__}); set it to false"
+            ) from None
     cfg = dict(model.pretrained_cfg)  # read before set_input_size, which may change it
     heads = _head_names(model, cfg, name)
     state = W.load_state_file(weights) if weights not in (None, "DEFAULT") and not meta else None
@@ -98,8 +127,16 @@ def build(name: str, weights: str | None, num_classes: int, load_head: bool, met
         mean=tuple(cfg.get("mean") or IMAGENET_MEAN),
         std=tuple(cfg.get("std") or IMAGENET_STD),
         input_size=int(cfg["input_size"][-1]) if cfg.get("input_size") else None,
+        crop_pct=float(cfg.get("crop_pct") or 0.875),
+        interpolation=_interpolation(cfg.get("interpolation")),
     )
     return model, parts, report
+
+
+def _interpolation(name) -> str:
+    """timm's `pretrained_cfg["interpolation"]` as a torchvision InterpolationMode value (bilinear when unknown)."""
+    known = ("nearest", "bilinear", "bicubic")
+    return name if name in known else "bilinear"
 
 
 # --------------------------------------------------------------------------- head, blocks, size
@@ -184,7 +221,7 @@ def _set_input_size(model: nn.Module, cfg: dict, name: str, image_size: int | No
 # --------------------------------------------------------------------------- pretrained weights
 
 
-def _pretrained(timm, name: str, report: LoadReport) -> nn.Module:
+def _pretrained(timm, name: str, report: LoadReport, **kwargs) -> nn.Module:
     """`timm.create_model(name, pretrained=True)` (timm adapts the checkpoint to the model), with
     a one-line error naming the repository and where the file must go when it is not there."""
     cfg = timm.models.get_pretrained_cfg(name)
@@ -207,7 +244,9 @@ def _pretrained(timm, name: str, report: LoadReport) -> nn.Module:
         path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
         where, advice = url, f"put {url} at {path} (or set TORCH_HOME to where it is cached)"
     try:
-        model = timm.create_model(name, pretrained=True)
+        model = timm.create_model(name, pretrained=True, **kwargs)
+    except TypeError:
+        raise
     except Exception as exc:  # no network, HTTP error, truncated file ...
         raise UserError(
             f"model.weights=DEFAULT: could not load the weights of {PREFIX}{name} from {where} ({W.first_line(exc)}); "

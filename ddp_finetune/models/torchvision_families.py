@@ -144,10 +144,30 @@ def family_of(name: str) -> Family:
 # --------------------------------------------------------------------------- build
 
 
-def build(name: str, weights: str | None, num_classes: int, load_head: bool, meta: bool):
-    """(model, Parts, LoadReport) of torchvision model `name`; `meta`: the architecture only, no weights."""
+def build(
+    name: str,
+    weights: str | None,
+    num_classes: int,
+    load_head: bool,
+    meta: bool,
+    drop_path_rate: float | None = None,
+    grad_checkpointing: bool = False,
+):
+    """(model, Parts, LoadReport) of torchvision model `name`; `meta`: the architecture only, no weights.
+
+    `drop_path_rate`: the builder's `stochastic_depth_prob` (EfficientNet, ConvNeXt, Swin, MaxViT...);
+    `grad_checkpointing`: DenseNet's `memory_efficient`; other models refuse either with one line."""
     family = family_of(name)
     kwargs = dict(family.kwargs)
+    if drop_path_rate is not None:
+        kwargs["stochastic_depth_prob"] = drop_path_rate
+    if grad_checkpointing:
+        if not name.startswith("densenet"):
+            raise UserError(
+                f"model.grad_checkpointing=true: torchvision's {name} has no checkpointing switch (DenseNet's "
+                "memory_efficient is the one); use a timm/ model for it, or set it to false"
+            )
+        kwargs["memory_efficient"] = True
     if family.init_weights:
         # nothing to initialize on the meta device; with weights to load, torchvision's default
         if meta:
@@ -156,7 +176,15 @@ def build(name: str, weights: str | None, num_classes: int, load_head: bool, met
             kwargs["init_weights"] = True
     enum = None if weights is None or W.is_local(weights) else W.resolve_enum(name, weights)
     report = LoadReport(weights=weights)
-    model = torchvision.models.get_model(name, weights=None, **kwargs)
+    try:
+        model = torchvision.models.get_model(name, weights=None, **kwargs)
+    except TypeError as exc:
+        if drop_path_rate is None or "stochastic_depth_prob" not in str(exc):
+            raise
+        raise UserError(
+            f"model.drop_path_rate={drop_path_rate}: torchvision's {name} has no stochastic depth "
+            "(EfficientNet, ConvNeXt, Swin, MaxViT... have); set model.drop_path_rate=null"
+        ) from None
     if enum is not None and not meta:
         W.load_enum(model, enum, report)  # the whole model, head included, then the head is swapped
     heads = tuple(h for h in family.heads if _has_module(model, h))
