@@ -118,3 +118,21 @@ def pytest_terminal_summary(terminalreporter, config):
             "largest module folders, removed when their module passed: "
             + ", ".join(f"{key} {_human(size)}" for key, size in top if size)
         )
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu`-marked tests (and `pytest.param("cuda", marks=pytest.mark.gpu)` cases) skip without CUDA;
+    `pytest -m gpu` runs exactly them on a GPU machine (benchmarks/device_check.sh)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (gpu marker: run by benchmarks/device_check.sh on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    return make_image_folder(tmp_path / "images", per_class=8, size=16)
