@@ -15,6 +15,25 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from datagen import make_image_folder  # noqa: E402
 
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu`-marked tests (and `pytest.param("cuda", marks=pytest.mark.gpu)` cases) skip without CUDA;
+    `pytest -m gpu` runs exactly them on a GPU machine (benchmarks/device_check.sh)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (gpu marker: run by benchmarks/device_check.sh on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    return make_image_folder(tmp_path / "images", per_class=8, size=16)
+
+
 # The caches the libraries under test write to by default live in the user's home (~/.cache/huggingface for
 # `datasets` and the image check's entries, ~/.config/matplotlib, ~/.config/wandb, ~/.cache/torch): the tests
 # point them into the session's temporary folder instead, where pytest's retention removes them with the rest.
@@ -118,21 +137,3 @@ def pytest_terminal_summary(terminalreporter, config):
             "largest module folders, removed when their module passed: "
             + ", ".join(f"{key} {_human(size)}" for key, size in top if size)
         )
-
-
-def pytest_collection_modifyitems(config, items):
-    """`gpu`-marked tests (and `pytest.param("cuda", marks=pytest.mark.gpu)` cases) skip without CUDA;
-    `pytest -m gpu` runs exactly them on a GPU machine (benchmarks/device_check.sh)."""
-    import torch
-
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs CUDA (gpu marker: run by benchmarks/device_check.sh on a GPU machine)")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
-
-
-@pytest.fixture
-def image_folder(tmp_path):
-    return make_image_folder(tmp_path / "images", per_class=8, size=16)
