@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from datagen import make_image_folder
 from helpers import (
+    SMALL_MODEL,
     child_env,
     datasets_of,
     fit_in_process,
@@ -444,14 +445,13 @@ def test_disk_full_while_writing_the_final_weights_keeps_the_last_checkpoint(tmp
 def finished(tmp_path_factory):
     """A finished run (6 steps) with checkpoints step_2, step_4, step_6 and its final weights.
 
-    The smallest torchvision classifier with neither dropout nor a size these tests need (shufflenet_v2_x0_5,
-    1.4 M parameters): every test copies the run, 35 MB of it instead of resnet18's 300 MB."""
+    The small model (helpers.SMALL_MODEL): each test copies the run, 10 MB of it instead of resnet18's 300 MB."""
     root = tmp_path_factory.mktemp("finished")
     folder = make_image_folder(root / "images", per_class=8, size=16)
     config = tiny_config(
         root,
         folder,
-        model={"name": "shufflenet_v2_x0_5"},
+        model={"name": SMALL_MODEL},
         checkpoint={"every_n_steps": 2, "every_epoch": False, "keep_last": 3},
     )
     fit_in_process(config)
@@ -513,7 +513,7 @@ def test_resuming_with_another_model_names_the_difference_in_one_line(finished, 
     with pytest.raises(UserError) as exc:
         fit_in_process(config, f"output_dir={run}", "checkpoint.resume=auto", "model.name=resnet18")
     text = _one_line(exc)
-    assert "holds a different model" in text and "model.name: 'shufflenet_v2_x0_5' there, 'resnet18' here" in text
+    assert "holds a different model" in text and f"model.name: '{SMALL_MODEL}' there, 'resnet18' here" in text
     assert len(text) < 800 and "Missing key(s)" not in text
 
 
