@@ -2,7 +2,7 @@
 fixture folders when its last test passed; a failing test keeps them to debug; the libraries' caches
 live in the session's folder, not in the user's home.
 
-Each test runs a small pytest session in a child process with this suite's conftest.py and
+The test runs a small pytest session in a child process with this suite's conftest.py and
 pyproject.toml's retention settings, and looks at the folder that session left behind."""
 
 import re
