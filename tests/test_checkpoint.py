@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from helpers import fit_in_process, tiny_config
+from helpers import SMALL_MODEL, fit_in_process, tiny_config
 
 from ddp_finetune import checkpoint as ckpt
 from ddp_finetune.errors import UserError
@@ -35,7 +35,12 @@ def test_resume_path_must_be_a_complete_checkpoint(tmp_path):
 
 
 def test_crash_while_saving_leaves_the_previous_checkpoint_intact(tmp_path, image_folder, monkeypatch):
-    config = tiny_config(tmp_path, image_folder, checkpoint={"every_n_steps": 2, "every_epoch": False, "keep_last": 1})
+    config = tiny_config(
+        tmp_path,
+        image_folder,
+        model={"name": SMALL_MODEL},
+        checkpoint={"every_n_steps": 2, "every_epoch": False, "keep_last": 1},
+    )
     from accelerate import Accelerator
 
     real_save = Accelerator.save_state
@@ -63,12 +68,16 @@ def test_crash_while_saving_leaves_the_previous_checkpoint_intact(tmp_path, imag
 
 
 def test_keep_last_prunes_the_oldest(tmp_path, image_folder):
-    fit_in_process(tiny_config(tmp_path, image_folder, checkpoint={"every_n_steps": 1, "keep_last": 3}))
+    config = tiny_config(
+        tmp_path, image_folder, model={"name": SMALL_MODEL}, checkpoint={"every_n_steps": 1, "keep_last": 3}
+    )
+    fit_in_process(config)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run")] == ["step_4", "step_5", "step_6"]
 
 
 def test_a_fresh_run_refuses_an_output_dir_with_checkpoints(tmp_path, image_folder):
-    config = tiny_config(tmp_path, image_folder, train={"epochs": 1}, checkpoint={"every_n_steps": 1})
+    sections = dict(model={"name": SMALL_MODEL}, train={"epochs": 1}, checkpoint={"every_n_steps": 1})
+    config = tiny_config(tmp_path, image_folder, **sections)
     fit_in_process(config)
     before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     with pytest.raises(UserError, match="already holds checkpoints of an earlier run.*checkpoint.resume=auto"):

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from datagen import make_image_folder
 from helpers import (
+    SMALL_MODEL,
     child_env,
     datasets_of,
     fit_in_process,
@@ -442,10 +443,17 @@ def test_disk_full_while_writing_the_final_weights_keeps_the_last_checkpoint(tmp
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    """A finished run (6 steps) with checkpoints step_2, step_4, step_6 and its final weights."""
+    """A finished run (6 steps) with checkpoints step_2, step_4, step_6 and its final weights.
+
+    The small model (helpers.SMALL_MODEL): each test copies the run, 10 MB of it instead of resnet18's 300 MB."""
     root = tmp_path_factory.mktemp("finished")
     folder = make_image_folder(root / "images", per_class=8, size=16)
-    config = tiny_config(root, folder, checkpoint={"every_n_steps": 2, "every_epoch": False, "keep_last": 3})
+    config = tiny_config(
+        root,
+        folder,
+        model={"name": SMALL_MODEL},
+        checkpoint={"every_n_steps": 2, "every_epoch": False, "keep_last": 3},
+    )
     fit_in_process(config)
     return root
 
@@ -503,9 +511,9 @@ def test_an_explicit_damaged_checkpoint_is_one_line(finished, tmp_path):
 def test_resuming_with_another_model_names_the_difference_in_one_line(finished, tmp_path):
     config, run = _copy(finished, tmp_path)
     with pytest.raises(UserError) as exc:
-        fit_in_process(config, f"output_dir={run}", "checkpoint.resume=auto", "model.name=mobilenet_v3_small")
+        fit_in_process(config, f"output_dir={run}", "checkpoint.resume=auto", "model.name=resnet18")
     text = _one_line(exc)
-    assert "holds a different model" in text and "model.name: 'resnet18' there, 'mobilenet_v3_small' here" in text
+    assert "holds a different model" in text and f"model.name: '{SMALL_MODEL}' there, 'resnet18' here" in text
     assert len(text) < 800 and "Missing key(s)" not in text
 
 
