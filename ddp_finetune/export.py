@@ -49,6 +49,7 @@ DEFAULT_OPSET = 18  # the ONNX exporter of torch >= 2.5 writes opset 18 natively
 DEFAULT_ATOL = 1e-4  # fp32: kernels of ONNX Runtime and PyTorch round differently, ~1e-5 on a ResNet
 VERIFY_IMAGES = 8  # images of the validation split run through both
 MAX_DYNAMIC_BATCH = 4096  # the upper bound torch.export needs for a free batch dimension
+INPUT_NAME = "images"  # the ONNX graph's input; its output is "logits" (or "classes": --output indices)
 INSTALL_HINT = "pip install 'ddp-finetune[export]' (or: pip install onnx onnxscript onnxruntime)"
 
 
@@ -100,11 +101,15 @@ def check_out(path) -> Path:
     parent = out.parent
     existing = next((p for p in (parent, *parent.parents) if p.exists()), None)
     if existing is not None and not existing.is_dir():
-        raise UserError(f"--out {str(out)!r}: {str(existing)!r} is a file, not a folder; choose another --out") from None
+        raise UserError(
+            f"--out {str(out)!r}: {str(existing)!r} is a file, not a folder; choose another --out"
+        ) from None
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserError(f"--out {str(out)!r}: cannot create {str(parent)!r} ({first_line(exc)}); choose another --out") from None
+        raise UserError(
+            f"--out {str(out)!r}: cannot create {str(parent)!r} ({first_line(exc)}); choose another --out"
+        ) from None
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"--out {str(out)!r}: folder {str(parent)!r} is not writable; choose another --out") from None
     return out
@@ -182,12 +187,21 @@ def _trace_failure(exc: BaseException, card: ModelCard, batch, fmt: str) -> str:
     )
 
 
-def to_onnx(program, path: Path, opset: int, card: ModelCard) -> None:
+def to_onnx(program, path: Path, opset: int, card: ModelCard, output_name: str) -> None:
     """The traced program translated to ONNX (torch's dynamo exporter); an op without an ONNX translation
     is named with the module that calls it."""
     try:
         with _quiet():
-            torch.onnx.export(program, (), str(path), opset_version=opset, external_data=False, dynamo=True)
+            torch.onnx.export(
+                program,
+                (),
+                str(path),
+                input_names=[INPUT_NAME],
+                output_names=[output_name],
+                opset_version=opset,
+                external_data=False,
+                dynamo=True,
+            )
     except Exception as exc:
         op = re.search(r"op='([\w.:]+)'", str(exc))
         if op is None:
@@ -346,12 +360,11 @@ def export_model(model_path, fmt: str = "onnx", opts: ExportOptions | None = Non
         artifact = staging / out.name
         program = trace(module, card, opts.batch, preprocessing, opts.format)
         if opts.format == "onnx":
-            to_onnx(program, artifact, opts.opset, card)
+            to_onnx(program, artifact, opts.opset, card, "classes" if indices else "logits")
         else:
             torch.export.save(program, str(artifact))
         checked = verify(loaded, load_runner(artifact, opts.format), images, opts.batch, preprocessing, indices)
         section = _export_section(opts, card, out, checked, where)
-        _report(section)
         if indices and checked["mismatched_pixels"]:
             raise UserError(
                 f"the exported class map differs from PyTorch's on {checked['mismatched_pixels']} pixels where the "
@@ -363,6 +376,7 @@ def export_model(model_path, fmt: str = "onnx", opts: ExportOptions | None = Non
                 f"{opts.atol:g}; nothing was written to {out}; try --format "
                 f"{'exported-program' if opts.format == 'onnx' else 'onnx'}, or raise --atol if that is acceptable"
             )
+        _report(section)  # only once it passed: on failure the error line says the difference
         values = {**dataclasses.asdict(card), "export": section}
         values["class_names"] = list(card.class_names)
         (staging / card_path(out).name).write_text(json.dumps(values, indent=2) + "\n")
@@ -378,7 +392,7 @@ def _export_section(opts: ExportOptions, card: ModelCard, out: Path, checked: di
     size = card.image_size
     batch = "N" if opts.batch == "dynamic" else opts.batch
     if opts.output == "indices":
-        output = {"name": "class map", "dtype": "int64", "shape": [batch, size, size]}
+        output = {"name": "classes", "dtype": "int64", "shape": [batch, size, size]}
     elif card.task == "segmentation":
         output = {"name": "logits", "dtype": "float32", "shape": [batch, card.outputs, size, size]}
     else:
@@ -389,6 +403,7 @@ def _export_section(opts: ExportOptions, card: ModelCard, out: Path, checked: di
         "file": out.name,
         "opset": opts.opset if opts.format == "onnx" else None,
         "input": {
+            "name": INPUT_NAME,
             "dtype": "uint8" if include else "float32",
             "shape": [batch, 3, size, size],
             "layout": "NCHW, RGB",
@@ -404,7 +419,7 @@ def _report(section: dict) -> None:
     sizes = " and ".join(map(str, v["batch_sizes"]))
     what = (
         f"{v['mismatched_pixels']} class-map pixels differ"
-        if section["output"]["name"] == "class map"
+        if section["output"]["name"] == "classes"
         else f"max abs diff of the logits {v['max_abs_diff']:.3g} (atol {v['atol']:g})"
     )
     print(f"export: verified on {v['images']} images of {v['on']}, batch {sizes}: {what}", file=sys.stderr, flush=True)
