@@ -347,7 +347,13 @@ def export_model(model_path, fmt: str = "onnx", opts: ExportOptions | None = Non
     loaded = load_model_folder(model_path, overrides)
     card = loaded.card
     opts = check_options(opts, card)
-    out = check_out(opts.out or default_out(loaded, opts.format))
+    out = Path(opts.out) if opts.out else default_out(loaded, opts.format)
+    if out.suffix == ".json":  # checked before check_out creates its folder
+        raise UserError(
+            f"--out {str(out)!r}: the card is written as <name>.json beside the artifact; "
+            f"name it {out.stem}{FORMATS[opts.format]}"
+        )
+    check_out(out)
     images, where = verification_images(loaded, opts.images)
     preprocessing = opts.preprocessing == "include"
     indices = opts.output == "indices"
@@ -380,7 +386,9 @@ def export_model(model_path, fmt: str = "onnx", opts: ExportOptions | None = Non
         values = {**dataclasses.asdict(card), "export": section}
         values["class_names"] = list(card.class_names)
         (staging / card_path(out).name).write_text(json.dumps(values, indent=2) + "\n")
-        for f in sorted(staging.iterdir()):  # the artifact (and its external data, if any), then the card
+        card_file = card_path(out).name
+        # the artifact (and its external data, if any) first, the card that describes it last
+        for f in sorted(staging.iterdir(), key=lambda f: f.name == card_file):
             os.replace(f, out.parent / f.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -291,6 +291,7 @@ def test_unreachable_data_without_images_asks_for_images(trained, tmp_path):
         (["--batch", "0"], "--batch '0': give `dynamic` or a batch size of 1 or more"),
         (["--output", "indices"], "--output indices is for segmenters"),
         (["--atol", "0"], "--atol 0.0: give a positive tolerance"),
+        (["--out", "x/m.json"], "the card is written as <name>.json beside the artifact; name it m.pt2"),
     ],
 )
 def test_bad_options_are_one_line(trained, argv, message):
