@@ -342,6 +342,13 @@ def card_path(out: Path) -> Path:
 
 def export_model(model_path, fmt: str = "onnx", opts: ExportOptions | None = None, overrides=()) -> dict:
     """Export a run folder's (or final/ folder's) model, verify it, put it in place; returns its card's export section."""
+    from .distributed import launched_world_size
+
+    if launched_world_size() > 1:  # N processes would race to write one file; there is nothing to split
+        raise UserError(
+            f"export runs in one process (launched with {launched_world_size()}); run `ddp-finetune export` "
+            "without accelerate launch / torchrun"
+        )
     opts = check_options(dataclasses.replace(opts or ExportOptions(), format=fmt))
     check_backend(opts.format)
     loaded = load_model_folder(model_path, overrides)

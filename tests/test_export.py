@@ -285,6 +285,12 @@ def test_unreachable_data_without_images_asks_for_images(trained, tmp_path):
     assert "cannot be read to verify the export" in line and "give --images DIR" in line
 
 
+def test_export_under_a_launcher_is_refused_on_every_rank(trained, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="export runs in one process .launched with 2.; run `ddp-finetune export`"):
+        export_model(trained, "exported-program")
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
