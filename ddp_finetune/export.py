@@ -229,14 +229,33 @@ def _module_calling(program, op_name: str) -> str:
     return ""
 
 
+def written_opset(path: Path) -> int:
+    """The default-domain opset the ONNX file declares (the exporter keeps its own, 18, when it cannot
+    convert to the one asked for, and says so only in its log)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
 @contextlib.contextmanager
 def _quiet():
-    """The ONNX exporter prints its progress to stdout and warns freely: only our lines are the output."""
+    """The ONNX exporter prints its progress to stdout and logs warnings and tracebacks of conversions it
+    gives up on (checked after it by `written_opset`): only our lines are the output."""
+    import logging
     import warnings
 
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+    loggers = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export")]
+    levels = [logger.level for logger in loggers]
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.CRITICAL + 1)
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 # --------------------------------------------------------------------------- verification
@@ -374,6 +393,12 @@ def export_model(model_path, fmt: str = "onnx", opts: ExportOptions | None = Non
         program = trace(module, card, opts.batch, preprocessing, opts.format)
         if opts.format == "onnx":
             to_onnx(program, artifact, opts.opset, card, "classes" if indices else "logits")
+            if written_opset(artifact) != opts.opset:
+                raise UserError(
+                    f"the ONNX exporter cannot write opset {opts.opset} for model.name={card.model_name} (it wrote "
+                    f"{written_opset(artifact)} and could not convert it); give --opset {written_opset(artifact)} "
+                    "or higher"
+                )
         else:
             torch.export.save(program, str(artifact))
         checked = verify(loaded, load_runner(artifact, opts.format), images, opts.batch, preprocessing, indices)

@@ -184,6 +184,20 @@ def test_a_difference_above_atol_fails_with_one_line_and_writes_nothing(trained,
     assert not out.exists() and not list(out.parent.iterdir())
 
 
+@needs_onnx
+def test_opset_is_written_as_asked_or_refused_in_one_line(trained, tmp_path, capfd):
+    import onnx
+
+    section = export_model(trained, "onnx", ExportOptions(opset=20, out=str(tmp_path / "o20.onnx")))
+    model = onnx.load(str(tmp_path / "o20.onnx"))
+    assert section["opset"] == 20 and [o.version for o in model.opset_import if o.domain == ""] == [20]
+    capfd.readouterr()
+    # torch's exporter implements opset 18 up; below, its converter fails on resnet18 and keeps 18, logging only
+    with pytest.raises(UserError, match="cannot write opset 17 .*it wrote 18.*give --opset 18 or higher"):
+        export_model(trained, "onnx", ExportOptions(opset=17, out=str(tmp_path / "o17.onnx")))
+    assert "Traceback" not in capfd.readouterr().err and not (tmp_path / "o17.onnx").exists()
+
+
 # --------------------------------------------------------------------------- item 5: bad input, one line
 
 
