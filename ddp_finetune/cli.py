@@ -189,6 +189,49 @@ def _predict(args) -> int:
     return 0
 
 
+def _export_options(parser) -> None:
+    from .export import DEFAULT_ATOL, DEFAULT_OPSET, FORMATS, OUTPUTS, PREPROCESSING
+
+    parser.add_argument("--format", required=True, choices=list(FORMATS), help="onnx, or torch.export's program (.pt2)")
+    parser.add_argument("--out", default=None, help="the artifact's file (default: RUN/export/FORMAT/model.onnx|.pt2)")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (default: %(default)s)")
+    parser.add_argument("--batch", default="dynamic", help="`dynamic` or a fixed batch size (default: %(default)s)")
+    parser.add_argument(
+        "--preprocessing",
+        default="include",
+        choices=PREPROCESSING,
+        help="include: the graph takes uint8 NCHW images and normalizes them; none: normalized float (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--output", default="logits", choices=OUTPUTS, help="segmenters: logits or the class map (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--atol",
+        type=float,
+        default=DEFAULT_ATOL,
+        help="largest logit difference to PyTorch accepted (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--images", default=None, help="folder of images to verify on (default: the run's validation split)"
+    )
+
+
+def _export(args) -> int:
+    from .export import ExportOptions, export_model
+
+    opts = ExportOptions(
+        out=args.out,
+        opset=args.opset,
+        batch=args.batch,
+        preprocessing=args.preprocessing,
+        output=args.output,
+        atol=args.atol,
+        images=args.images,
+    )
+    export_model(args.model, args.format, opts, overrides=args.overrides)
+    return 0
+
+
 def _plot_options(parser) -> None:
     parser.add_argument("--out", default="curves.png", help="PNG file to write (default: %(default)s)")
 
@@ -252,6 +295,13 @@ COMMANDS: dict[str, Command] = {
         _check_invariance,
         _check_invariance_options,
     ),
+    "export": Command(
+        "export a trained model to ONNX or torch.export's program, verified against PyTorch on real images",
+        _export,
+        _export_options,
+        takes_config=False,
+        positionals=(_MODEL,),
+    ),
     "plot": Command(
         "draw the training curves of one or more runs, overlaid: loss, metrics, learning rates, images/s",
         _plot,
@@ -284,6 +334,7 @@ After training (RUN is the run's output_dir):
   {PROG} evaluate RUN [--data held_out/]
   {PROG} predict RUN photos/ --out predictions.csv
   {PROG} plot RUN [RUN ...] --out curves.png
+  {PROG} export RUN --format onnx
 Configs shipped inside the package are @NAME, e.g. `{PROG} train @digits_source`.
 Help on a command: {PROG} COMMAND -h""",
         formatter_class=argparse.RawDescriptionHelpFormatter,
