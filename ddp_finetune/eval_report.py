@@ -19,6 +19,7 @@ from pathlib import Path
 
 from . import distributed as dist_utils
 from .data import Classes, Splits, check_columns, class_names, load_dataset_dict, load_splits
+from .data_checks import class_folders
 from .datasets import build_datasets
 from .errors import UserError
 from .evaluate import gather_logits, gather_segmentation, segmentation_summary
@@ -28,6 +29,7 @@ from .loaders import plan_loaders
 from .losses import build_loss
 from .metrics import classification_confusion, classification_metrics, per_class_metrics
 from .model_folder import LoadedModel, ModelCard, load_model_folder
+from .out_paths import folder_out, writing
 from .performance import configure_backends
 from .transforms import device_input
 
@@ -57,7 +59,7 @@ def data_source(path: str) -> str:
     return "disk" if saved else "imagefolder"
 
 
-def choose_split(cfg, data: str | None, split: str | None) -> EvalSplit:
+def choose_split(cfg, data: str | None, split: str | None, model_classes: tuple[str, ...] = ()) -> EvalSplit:
     """The run's validation split (as training cut it) by default; `split` of the run's data or of `data`."""
     if data is None and split is None:
         splits = load_splits(cfg.data, cfg.seed, cfg.task)
@@ -72,7 +74,20 @@ def choose_split(cfg, data: str | None, split: str | None) -> EvalSplit:
         split = "test" if "test" in raw else next(iter(raw))
     if split not in raw:
         raise UserError(f"--split {split!r} is not a split of {data_cfg.path!r} (splits: {', '.join(raw)})")
-    check_columns(raw[split], data_cfg, cfg.task, set(raw))
+    try:
+        check_columns(raw[split], data_cfg, cfg.task, set(raw))
+    except UserError:
+        unlabelled = data_cfg.source == "imagefolder" and data_cfg.label_column not in raw[split].column_names
+        if data is None or not model_classes or not unlabelled:
+            raise
+        # `datasets` labels an image folder by class folder only from 2 folders on: compare with the model's
+        # classes, as for any class mismatch, rather than say what training would (a classifier needs 2)
+        folders = [name for name, has in class_folders(data_cfg.path, set(raw)).items() if has]
+        raise UserError(
+            f"--data {data!r} holds the class folders ({', '.join(folders) or 'none'}), the model's classes are "
+            f"({', '.join(model_classes[:10])}); evaluate on data labelled with the model's classes: one folder per "
+            "class, at least 2, named as the model's"
+        ) from None
     tag = split if data is None else f"{Path(data).resolve().name}-{split}"
     return EvalSplit(raw[split], split, data_cfg.path, data_cfg.source, tag)
 
@@ -104,6 +119,8 @@ def evaluate_model(model_path, data=None, split=None, out=None, overrides=()) ->
     """Score a run folder's (or final/ folder's) model on a split; returns the report written to eval.json."""
     from torch.utils.data import DataLoader
 
+    if out is not None:  # before the model and the data: a bad --out costs seconds, not a whole evaluation
+        folder_out(out, "--out", what="eval.json and the confusion matrix")
     loaded = load_model_folder(model_path, overrides)
     cfg, card = loaded.cfg, loaded.card
     accelerator = dist_utils.make_accelerator(cfg.train.mixed_precision)
@@ -116,11 +133,9 @@ def evaluate_model(model_path, data=None, split=None, out=None, overrides=()) ->
             f"use a multiple of {accelerator.num_processes}"
         )
     with accelerator.local_main_process_first():
-        chosen = choose_split(cfg, data, split)
+        chosen = choose_split(cfg, data, split, card.class_names)
     out_dir = Path(out) if out else _default_out(loaded, chosen.tag)
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
+    folder_out(out_dir, "--out" if out else "the report folder", what="eval.json and the confusion matrix")
     dataset = _dataset(cfg, card, chosen, out_dir)
     plan = plan_loaders(cfg.data.num_workers, accelerator.device.type == "cuda")  # data.num_workers: auto
     # Accelerate's loader cuts each global batch across the ranks and lets gather_for_metrics drop the padding
@@ -144,7 +159,8 @@ def evaluate_model(model_path, data=None, split=None, out=None, overrides=()) ->
         "confusion_matrix": confusion.tolist(),
     }
     if accelerator.is_main_process:
-        _write(out_dir, report, confusion, card)
+        with writing(out_dir):
+            _write(out_dir, report, confusion, card)
         for line in table_lines(report, out_dir):
             print(line, flush=True)
     accelerator.wait_for_everyone()

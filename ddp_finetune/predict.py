@@ -41,8 +41,9 @@ from .images import try_open_rgb
 from .loaders import plan_loaders
 from .model_folder import THRESHOLD, ModelCard, load_model_folder
 from .models import split_outputs
+from .out_paths import file_out, folder_out, writing
 from .performance import configure_backends
-from .predict_outputs import Options, Writer, csv_rows, mask_png, overlay_jpeg, palette
+from .predict_outputs import CSV_NAME, Options, Writer, csv_rows, mask_png, overlay_jpeg, palette
 from .transforms import device_input, eval_view, whole_view
 
 # --------------------------------------------------------------------------- inputs
@@ -222,10 +223,12 @@ def shard(n: int, per_rank: int, rank: int, world: int) -> tuple[int, list[int]]
     return blocks, mine
 
 
-def check_out(out, task: str) -> None:
-    """On every rank, before any work: an --out the task cannot write to."""
-    if task == "segmentation" and Path(out).is_file():
-        raise UserError(f"--out {str(out)!r} is a file; segmentation writes a folder of masks: give a folder")
+def check_out(out, task: str) -> Path:
+    """On every rank, before any work: the checked output (out_paths.py), a folder of masks for a segmenter,
+    else the CSV file (a folder or `dir/` means dir/predictions.csv)."""
+    if task == "segmentation":
+        return folder_out(out, "--out", what="a folder of masks (segmentation)")
+    return file_out(out, "--out", default_name=CSV_NAME)
 
 
 def predict(model_path, inputs, out, opts: Options | None = None, overrides=()) -> dict:
@@ -239,7 +242,7 @@ def predict(model_path, inputs, out, opts: Options | None = None, overrides=()) 
     cfg, card = loaded.cfg, loaded.card
     if opts.threshold is None:
         opts = dataclasses.replace(opts, threshold=card.threshold if card.threshold is not None else THRESHOLD)
-    check_out(out, card.task)
+    out = check_out(out, card.task)
     accelerator = dist_utils.make_accelerator(cfg.train.mixed_precision)
     configure_backends(accelerator.device.type == "cuda", cfg.train.deterministic)  # as training ran the model
     found = list_inputs(inputs, cfg.data.image_column)
@@ -262,16 +265,21 @@ def predict(model_path, inputs, out, opts: Options | None = None, overrides=()) 
     def infer(batch):
         return _results(batch, model, prepare, card, opts, dataset)
 
-    writer = Writer(Path(out), card, opts, found.items) if accelerator.is_main_process else None
+    writer = None
+    if accelerator.is_main_process:
+        with writing(out):
+            writer = Writer(out, card, opts, found.items)
     try:
         skipped = _rounds(iter(loader), blocks, infer, writer, found.items, opts.strict, out)
+        if writer is not None:
+            with writing(out):
+                written = writer.finish()
     except BaseException:
         if writer is not None:
             writer.abandon()
         raise
     summary = {"images": len(found.items) - skipped, "skipped": skipped, "processes": world}
     if writer is not None:
-        written = writer.finish()
         skipped_text = f", skipped {skipped} unreadable (listed above)" if skipped else ""
         print(f"predict: {summary['images']} images on {world} processes{skipped_text}; wrote {written}", flush=True)
     accelerator.wait_for_everyone()
