@@ -12,18 +12,16 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from . import distributed as dist_utils
 from . import performance
-from .config import Config, dump_config
+from .config import Config
 from .data import Classes, Splits, decide_classes, load_splits
 from .datasets import build_datasets, decide_decode
 from .errors import UserError
-from .files import atomic_write_text
 from .freeze import BackboneFreeze
 from .guards import NonFiniteGuard
 from .image_check import check_images
@@ -81,7 +79,8 @@ def check_batch_sizes(cfg: Config, processes: int) -> None:
 
 
 def start_accelerator(cfg: Config):
-    """The Accelerator, after every check that needs no data; the run's config.yaml written."""
+    """The Accelerator, after every check that needs no data (train._fit writes the run's config.yaml once
+    the run is known to go ahead: a refused resume leaves the run's own config.yaml as it was)."""
     accelerator = dist_utils.make_accelerator(
         cfg.train.mixed_precision, log_with=log_with(cfg), project_dir=cfg.output_dir
     )
@@ -91,11 +90,6 @@ def start_accelerator(cfg: Config):
     if cfg.train.compile:
         performance.check_compile(device_type)  # before any data is loaded
     check_model_name(cfg.model.name, cfg.task)  # before loading any data
-    if accelerator.is_main_process:
-        out = Path(cfg.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.yaml", dump_config(cfg))
-    accelerator.wait_for_everyone()
     return accelerator
 
 
