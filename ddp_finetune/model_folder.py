@@ -224,7 +224,12 @@ def _read_config(folder: Path, overrides) -> tuple[Config, Config]:
     path = folder / CONFIG_FILE
     if not path.is_file():
         raise UserError(f"model folder {str(folder)!r} has no {CONFIG_FILE}; copy the whole folder")
-    values = yaml.safe_load(path.read_text()) or {}
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is damaged ({first_line(exc)[:120]}); copy the folder again") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{path} is damaged (a {type(values).__name__}, not a mapping of keys); copy the folder again")
     saved = config_from_dict(values)
     cfg = config_from_dict(values, list(overrides))
     if cfg.model != saved.model or cfg.task != saved.task:
@@ -241,8 +246,11 @@ def read_weights(folder: Path) -> dict:
 
     files = [folder / WEIGHTS_FILE]
     if not files[0].is_file() and (folder / WEIGHTS_INDEX).is_file():
-        index = json.loads((folder / WEIGHTS_INDEX).read_text())
-        files = [folder / name for name in sorted(set(index["weight_map"].values()))]
+        try:
+            index = json.loads((folder / WEIGHTS_INDEX).read_text())
+            files = [folder / str(name) for name in sorted(set(index["weight_map"].values()))]
+        except (ValueError, UnicodeDecodeError, TypeError, KeyError, AttributeError) as exc:
+            raise UserError(f"{folder / WEIGHTS_INDEX} is damaged ({first_line(exc)}); copy the folder again") from None
     state = {}
     for f in files:
         if not f.is_file():

@@ -209,6 +209,24 @@ def test_model_folder_is_validated_as_a_whole(edit, field, folder, images, tmp_p
     assert not (tmp_path / "p.csv").exists()
 
 
+@pytest.mark.parametrize("text", ["model: [unclosed\n", "- a list\n"], ids=["yaml", "list"])
+def test_a_damaged_config_yaml_in_the_model_folder_is_one_line(text, folder, images, tmp_path, capsys):
+    copy = tmp_path / "copy" / "final"
+    shutil.copytree(folder, copy)
+    (copy / "config.yaml").write_text(text)
+    line = one_error_line(capsys, "predict", copy, images, "--out", tmp_path / "p.csv")
+    assert "config.yaml is damaged" in line
+
+
+def test_a_damaged_shard_index_is_one_line(folder, images, tmp_path, capsys):
+    copy = tmp_path / "copy" / "final"
+    shutil.copytree(folder, copy)
+    (copy / "model.safetensors").rename(copy / "model-00001.safetensors")
+    (copy / "model.safetensors.index.json").write_text("[1]")
+    line = one_error_line(capsys, "predict", copy, images, "--out", tmp_path / "p.csv")
+    assert "model.safetensors.index.json is damaged" in line
+
+
 def test_a_checkpoint_given_as_a_model_says_so(folder, images, tmp_path, capsys):
     step = tmp_path / "run" / "checkpoints" / "step_4"
     shutil.copytree(folder, step)
