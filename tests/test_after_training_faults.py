@@ -88,6 +88,8 @@ def test_a_file_where_a_folder_is_needed_is_one_line(folder, images, tmp_path, c
     report.write_text("keep")
     line = one_error_line(capsys, "evaluate", folder, "--data", images, "--out", report)
     assert "is a file" in line and report.read_text() == "keep"
+    line = one_error_line(capsys, "demo", "--out", report)  # the demo's folder of data, runs and results
+    assert "is a file" in line and report.read_text() == "keep"
 
 
 @pytest.mark.parametrize(
