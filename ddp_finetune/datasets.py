@@ -172,10 +172,14 @@ def build_datasets(cfg, splits: Splits, classes: Classes, on_device: bool = Fals
     if cfg.task == "segmentation":
         common = dict(image_column=d.image_column, mask_column=d.mask_column, size=d.image_size, seed=cfg.seed)
         train = SegmentationDataset(splits.train, random=d.augment, split=d.train_split, **common)
-        val_name = "validation (val_fraction)" if splits.val_source == "val_fraction" else splits.val_source
-        val = SegmentationDataset(splits.val, random=False, split=val_name, **common)
-        return train, val
-    common = dict(
+        return train, eval_dataset(cfg, splits.val, classes, splits.val_source, on_device)
+    train = ImageDataset(splits.train, random=d.augment, **_image_options(cfg, classes, on_device))
+    return train, eval_dataset(cfg, splits.val, classes, splits.val_source, on_device)
+
+
+def _image_options(cfg, classes: Classes, on_device: bool) -> dict:
+    d = cfg.data
+    return dict(
         image_column=d.image_column,
         label_column=d.label_column,
         task=cfg.task,
@@ -184,4 +188,14 @@ def build_datasets(cfg, splits: Splits, classes: Classes, on_device: bool = Fals
         seed=cfg.seed,
         on_device=on_device,
     )
-    return ImageDataset(splits.train, random=d.augment, **common), ImageDataset(splits.val, random=False, **common)
+
+
+def eval_dataset(cfg, ds, classes: Classes, split_name: str, on_device: bool = False):
+    """The evaluation view of one split (no augmentation): training's validation set, and what the `evaluate`
+    command scores."""
+    d = cfg.data
+    if cfg.task == "segmentation":
+        name = "validation (val_fraction)" if split_name == "val_fraction" else split_name
+        common = dict(image_column=d.image_column, mask_column=d.mask_column, size=d.image_size, seed=cfg.seed)
+        return SegmentationDataset(ds, random=False, split=name, **common)
+    return ImageDataset(ds, random=False, **_image_options(cfg, classes, on_device))

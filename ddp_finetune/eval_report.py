@@ -17,21 +17,18 @@ import dataclasses
 import json
 from pathlib import Path
 
-from . import distributed as dist_utils
-from .data import Classes, Splits, check_columns, class_names, load_dataset_dict, load_splits
+from .data import Classes, check_columns, class_names, load_dataset_dict, load_splits
 from .data_checks import class_folders
-from .datasets import build_datasets
+from .datasets import eval_dataset
 from .errors import UserError
 from .evaluate import gather_logits, gather_segmentation, segmentation_summary
 from .files import atomic_write_text
-from .image_check import check_images
-from .loaders import plan_loaders
+from .image_check import check_split_images
+from .inference import is_saved_dataset, start_inference
 from .losses import build_loss
 from .metrics import classification_confusion, classification_metrics, per_class_metrics
-from .model_folder import LoadedModel, ModelCard, load_model_folder
+from .model_folder import LoadedModel, ModelCard
 from .out_paths import folder_out, writing
-from .performance import configure_backends
-from .transforms import device_input
 
 REPORT = "eval.json"
 CONFUSION_PNG = "confusion_matrix.png"
@@ -55,8 +52,7 @@ def data_source(path: str) -> str:
     if not p.is_dir():
         what = "does not exist" if not p.exists() else "is not a folder"
         raise UserError(f"--data {path!r} {what}; give a folder of images or a dataset saved with save_to_disk")
-    saved = any((p / f).is_file() for f in ("dataset_dict.json", "state.json", "dataset_info.json"))
-    return "disk" if saved else "imagefolder"
+    return "disk" if is_saved_dataset(p) else "imagefolder"
 
 
 def choose_split(cfg, data: str | None, split: str | None, model_classes: tuple[str, ...] = ()) -> EvalSplit:
@@ -121,30 +117,21 @@ def evaluate_model(model_path, data=None, split=None, out=None, overrides=()) ->
 
     if out is not None:  # before the model and the data: a bad --out costs seconds, not a whole evaluation
         folder_out(out, "--out", what="eval.json and the confusion matrix")
-    loaded = load_model_folder(model_path, overrides)
-    cfg, card = loaded.cfg, loaded.card
-    accelerator = dist_utils.make_accelerator(cfg.train.mixed_precision)
-    # the numerics training evaluated with (TF32 and cuDNN autotuning on CUDA unless train.deterministic)
-    configure_backends(accelerator.device.type == "cuda", cfg.train.deterministic)
-    batch = cfg.train.eval_batch_size or cfg.train.batch_size
-    if batch % accelerator.num_processes:
-        raise UserError(
-            f"train.eval_batch_size={batch} does not divide by {accelerator.num_processes} processes; "
-            f"use a multiple of {accelerator.num_processes}"
-        )
+    inf = start_inference(model_path, overrides)  # model folder -> accelerator -> DeviceInput (inference.py)
+    loaded, cfg, card, accelerator = inf.loaded, inf.cfg, inf.card, inf.accelerator
     with accelerator.local_main_process_first():
         chosen = choose_split(cfg, data, split, card.class_names)
     out_dir = Path(out) if out else _default_out(loaded, chosen.tag)
     folder_out(out_dir, "--out" if out else "the report folder", what="eval.json and the confusion matrix")
     dataset = _dataset(cfg, card, chosen, out_dir)
-    plan = plan_loaders(cfg.data.num_workers, accelerator.device.type == "cuda")  # data.num_workers: auto
+    plan = inf.loader_plan  # data.num_workers: auto
     # Accelerate's loader cuts each global batch across the ranks and lets gather_for_metrics drop the padding
     loader = accelerator.prepare_data_loader(
-        DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=plan.workers, pin_memory=plan.pin_memory)
+        DataLoader(
+            dataset, batch_size=inf.batch_size, shuffle=False, num_workers=plan.workers, pin_memory=plan.pin_memory
+        )
     )
-    model = accelerator.prepare_model(loaded.model, evaluation_mode=True)  # device + mixed precision, no DDP
-    # uint8 batches -> the model's input on the device, normalized and cast as in training
-    prepare = device_input(card.mean, card.std, accelerator.device, cfg.train.mixed_precision)
+    model, prepare = inf.model, inf.prepare
     metrics, per_class, confusion = _score(accelerator, model, loader, prepare, card, cfg, chosen.name)
     report = {
         "model": str(loaded.folder),
@@ -171,11 +158,8 @@ def _dataset(cfg, card: ModelCard, chosen: EvalSplit, out_dir: Path):
     """The split as evaluation's torch dataset (the evaluation crop, the model's normalization), its
     unreadable images listed (data.bad_images=error) or left out (skip)."""
     classes = split_classes(card, chosen.ds, cfg.data.label_column)
-    # check_images checks a run's two splits: this one as the validation split, beside an empty training split
-    splits = Splits(chosen.ds.select([]), chosen.ds, list(card.class_names), chosen.name, classes.label_kind)
-    ds = check_images(cfg, splits, out_dir).val
-    _, dataset = build_datasets(cfg, dataclasses.replace(splits, train=ds, val=ds), classes)
-    return dataset
+    ds = check_split_images(cfg, chosen.ds, chosen.name, out_dir)
+    return eval_dataset(cfg, ds, classes, chosen.name)
 
 
 def _score(accelerator, model, loader, prepare, card: ModelCard, cfg, split_name: str):

@@ -25,7 +25,7 @@ from .errors import UserError
 from .freeze import BackboneFreeze
 from .guards import NonFiniteGuard
 from .image_check import check_images
-from .loaders import EpochSampler, LoaderPlan, build_loaders, plan_loaders
+from .loaders import EpochSampler, LoaderPlan, build_loaders, eval_batch_size, plan_loaders
 from .losses import build_loss, needs_statistics_pass
 from .models import LoadReport, Parts, build_model, check_model_name
 from .output_dir import check_free_space
@@ -71,11 +71,7 @@ def check_batch_sizes(cfg: Config, processes: int) -> None:
             f"train.batch_size={cfg.train.batch_size} does not divide by {processes} processes x train.grad_accum={k}; "
             f"use a multiple of {processes * k}"
         )
-    eval_batch = cfg.train.eval_batch_size or cfg.train.batch_size
-    if eval_batch % processes:
-        raise UserError(
-            f"train.eval_batch_size={eval_batch} does not divide by {processes} processes; use a multiple of {processes}"
-        )
+    eval_batch_size(cfg, processes)
 
 
 def start_accelerator(cfg: Config):
