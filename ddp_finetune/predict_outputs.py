@@ -109,6 +109,23 @@ def csv_rows(card: ModelCard, opts: Options, logits: torch.Tensor) -> list[list]
     return rows
 
 
+def _remove_dead_staging(out: Path) -> None:
+    """Staging folders left by killed predict runs on this host (their pid is gone); another live run's stays."""
+    if not out.is_dir():
+        return
+    for folder in out.glob(f"{STAGING}*"):
+        pid = folder.name[len(STAGING) :].lstrip("-").split("-")[0]
+        try:
+            if pid:
+                os.kill(int(pid), 0)
+                continue  # alive (or a pid reused): leave it
+        except (ProcessLookupError, ValueError):
+            pass
+        except PermissionError:
+            continue  # alive, another user's
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 class Writer:
     """The main process's output: a CSV, or a folder of masks; written under temporary names and put in
     place by `finish` (nothing half-written after an error or --strict)."""
@@ -121,6 +138,7 @@ class Writer:
         if self.segmentation:
             self.out = out
             # unique to this process: two predict runs into one --out never share (or delete) a staging folder
+            _remove_dead_staging(out)
             self.staging = out / f"{STAGING}-{unique_tag()}"
             self.staging.mkdir(parents=True)
             self.colours = palette(card.outputs)
