@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -118,6 +119,14 @@ def test_lr_plot_out_is_checked_before_the_dataset_is_read(tmp_path, capsys):
     (tmp_path / "f").write_text("x")
     line = one_error_line(capsys, "lr-plot", config, "--out", tmp_path / "f" / "lr.png")
     assert "is a file" in line  # not "data.path does not exist": the --out came first
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+@pytest.mark.parametrize("command", ["evaluate", "predict", "plot", "init"])
+def test_a_location_that_cannot_be_created_is_one_line(command, folder, images, run, capsys):
+    """/proc takes no new folders, even from root (the read-only test below needs a non-root user)."""
+    line = one_error_line(capsys, *_commands(folder, images, run, "/proc/ddp-finetune-test/out.png")[command])
+    assert "/proc/ddp-finetune-test" in line and "cannot be created" in line
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
