@@ -64,10 +64,11 @@ class Command:
 
 def _train(args) -> int:
     from .config import load_config
+    from .output_dir import follow_moved_run
     from .preemption import EXIT_PREEMPTED
     from .train import Preempted, fit
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = follow_moved_run(args.config, load_config(args.config, args.overrides), args.overrides)
     try:
         fit(cfg)
     except Preempted:

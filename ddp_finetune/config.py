@@ -367,6 +367,8 @@ class CheckpointConfig:
     """Number of newest checkpoints kept under `output_dir/checkpoints`."""
     resume: str | None = None
     """null (start fresh), `auto` (the newest complete checkpoint, if any) or a checkpoint folder."""
+    overwrite_finished: bool = False
+    """Let a fresh run replace a finished run (`final/`, `summary.json`) in `output_dir`; false: refused."""
 
     def validate(self) -> None:
         if self.every_n_steps is not None:

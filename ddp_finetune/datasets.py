@@ -227,15 +227,23 @@ def build_datasets(cfg, splits: Splits, classes: Classes, on_device: bool = Fals
     `eval_crop`: (crop fraction, interpolation) of the evaluation view (the model's; None: torchvision's)."""
     d = cfg.data
     augmentation = Augmentation.from_config(d)
+    val = eval_dataset(cfg, splits.val, classes, splits.val_source, on_device, eval_crop)
     if cfg.task == "segmentation":
         common = dict(image_column=d.image_column, mask_column=d.mask_column, size=d.image_size, seed=cfg.seed)
         train = SegmentationDataset(
             splits.train, random=d.augment, split=d.train_split, augmentation=augmentation, **common
         )
-        val_name = "validation (val_fraction)" if splits.val_source == "val_fraction" else splits.val_source
-        val = SegmentationDataset(splits.val, random=False, split=val_name, **common)
         return train, val
-    common = dict(
+    common = _image_options(cfg, classes, on_device, eval_crop)
+    train = ImageDataset(
+        splits.train, random=d.augment, augmentation=augmentation, mixing=Mixing.from_config(d), **common
+    )
+    return train, val
+
+
+def _image_options(cfg, classes: Classes, on_device: bool, eval_crop=None) -> dict:
+    d = cfg.data
+    return dict(
         image_column=d.image_column,
         label_column=d.label_column,
         task=cfg.task,
@@ -245,7 +253,14 @@ def build_datasets(cfg, splits: Splits, classes: Classes, on_device: bool = Fals
         on_device=on_device,
         eval_crop=eval_crop or (EVAL_CROP_FRACTION, "bilinear"),
     )
-    train = ImageDataset(
-        splits.train, random=d.augment, augmentation=augmentation, mixing=Mixing.from_config(d), **common
-    )
-    return train, ImageDataset(splits.val, random=False, **common)
+
+
+def eval_dataset(cfg, ds, classes: Classes, split_name: str, on_device: bool = False, eval_crop=None):
+    """The evaluation view of one split (no augmentation): training's validation set, and what the `evaluate`
+    command scores; `eval_crop` as in `build_datasets`."""
+    d = cfg.data
+    if cfg.task == "segmentation":
+        name = "validation (val_fraction)" if split_name == "val_fraction" else split_name
+        common = dict(image_column=d.image_column, mask_column=d.mask_column, size=d.image_size, seed=cfg.seed)
+        return SegmentationDataset(ds, random=False, split=name, **common)
+    return ImageDataset(ds, random=False, **_image_options(cfg, classes, on_device, eval_crop))

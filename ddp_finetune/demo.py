@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .files import atomic_write_text
+from .out_paths import folder_out
 
 DEMO_TASKS = ("classification", "segmentation")
 DEFAULT_OUT = {"classification": "runs/demo", "segmentation": "runs/demo_segmentation"}
@@ -83,7 +84,7 @@ def run_demo(out=None, overrides=(), task: str = "classification") -> dict:
             "ddp-finetune demo runs in one process; to try several, run its configs under accelerate launch, e.g. "
             f"accelerate launch --multi_gpu --num_processes 2 -m ddp_finetune train {example} (after the demo wrote its data)"
         )
-    out = Path(out or DEFAULT_OUT[task])
+    out = folder_out(out or DEFAULT_OUT[task], "--out", what="its data, runs and results")  # out_paths.py
     if task == "segmentation":
         return run_segmentation_demo(out, overrides)
     return run_classification_demo(out, overrides)

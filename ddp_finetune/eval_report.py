@@ -18,18 +18,18 @@ import json
 from pathlib import Path
 
 from . import distributed as dist_utils
-from .data import Classes, Splits, check_columns, class_names, load_dataset_dict, load_splits
-from .datasets import build_datasets
+from .data import Classes, check_columns, class_names, load_dataset_dict, load_splits
+from .data_checks import class_folders
+from .datasets import eval_dataset
 from .errors import UserError
 from .evaluate import gather_logits, gather_segmentation, segmentation_summary
 from .files import atomic_write_text
-from .image_check import check_images
-from .loaders import plan_loaders
+from .image_check import check_split_images
+from .inference import is_saved_dataset, start_inference
 from .losses import build_loss
 from .metrics import classification_confusion, classification_metrics, per_class_metrics
-from .model_folder import LoadedModel, ModelCard, load_model_folder
-from .performance import configure_backends
-from .transforms import device_input
+from .model_folder import LoadedModel, ModelCard
+from .out_paths import folder_out, writing
 
 REPORT = "eval.json"
 CONFUSION_PNG = "confusion_matrix.png"
@@ -53,11 +53,10 @@ def data_source(path: str) -> str:
     if not p.is_dir():
         what = "does not exist" if not p.exists() else "is not a folder"
         raise UserError(f"--data {path!r} {what}; give a folder of images or a dataset saved with save_to_disk")
-    saved = any((p / f).is_file() for f in ("dataset_dict.json", "state.json", "dataset_info.json"))
-    return "disk" if saved else "imagefolder"
+    return "disk" if is_saved_dataset(p) else "imagefolder"
 
 
-def choose_split(cfg, data: str | None, split: str | None) -> EvalSplit:
+def choose_split(cfg, data: str | None, split: str | None, model_classes: tuple[str, ...] = ()) -> EvalSplit:
     """The run's validation split (as training cut it) by default; `split` of the run's data or of `data`."""
     if data is None and split is None:
         splits = load_splits(cfg.data, cfg.seed, cfg.task)
@@ -72,7 +71,20 @@ def choose_split(cfg, data: str | None, split: str | None) -> EvalSplit:
         split = "test" if "test" in raw else next(iter(raw))
     if split not in raw:
         raise UserError(f"--split {split!r} is not a split of {data_cfg.path!r} (splits: {', '.join(raw)})")
-    check_columns(raw[split], data_cfg, cfg.task, set(raw))
+    try:
+        check_columns(raw[split], data_cfg, cfg.task, set(raw))
+    except UserError:
+        unlabelled = data_cfg.source == "imagefolder" and data_cfg.label_column not in raw[split].column_names
+        if data is None or not model_classes or not unlabelled:
+            raise
+        # `datasets` labels an image folder by class folder only from 2 folders on: compare with the model's
+        # classes, as for any class mismatch, rather than say what training would (a classifier needs 2)
+        folders = [name for name, has in class_folders(data_cfg.path, set(raw)).items() if has]
+        raise UserError(
+            f"--data {data!r} holds the class folders ({', '.join(folders) or 'none'}), the model's classes are "
+            f"({', '.join(model_classes[:10])}); evaluate on data labelled with the model's classes: one folder per "
+            "class, at least 2, named as the model's"
+        ) from None
     tag = split if data is None else f"{Path(data).resolve().name}-{split}"
     return EvalSplit(raw[split], split, data_cfg.path, data_cfg.source, tag)
 
@@ -104,32 +116,23 @@ def evaluate_model(model_path, data=None, split=None, out=None, overrides=()) ->
     """Score a run folder's (or final/ folder's) model on a split; returns the report written to eval.json."""
     from torch.utils.data import DataLoader
 
-    loaded = load_model_folder(model_path, overrides)
-    cfg, card = loaded.cfg, loaded.card
-    accelerator = dist_utils.make_accelerator(cfg.train.mixed_precision)
-    # the numerics training evaluated with (TF32 and cuDNN autotuning on CUDA unless train.deterministic)
-    configure_backends(accelerator.device.type == "cuda", cfg.train.deterministic)
-    batch = cfg.train.eval_batch_size or cfg.train.batch_size
-    if batch % accelerator.num_processes:
-        raise UserError(
-            f"train.eval_batch_size={batch} does not divide by {accelerator.num_processes} processes; "
-            f"use a multiple of {accelerator.num_processes}"
-        )
+    if out is not None:  # before the model and the data: a bad --out costs seconds, not a whole evaluation
+        folder_out(out, "--out", what="eval.json and the confusion matrix")
+    inf = start_inference(model_path, overrides)  # model folder -> accelerator -> DeviceInput (inference.py)
+    loaded, cfg, card, accelerator = inf.loaded, inf.cfg, inf.card, inf.accelerator
     with dist_utils.first_on_each_node(accelerator):
-        chosen = choose_split(cfg, data, split)
+        chosen = choose_split(cfg, data, split, card.class_names)
     out_dir = Path(out) if out else _default_out(loaded, chosen.tag)
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
+    folder_out(out_dir, "--out" if out else "the report folder", what="eval.json and the confusion matrix")
     dataset = _dataset(cfg, card, chosen, out_dir)
-    plan = plan_loaders(cfg.data.num_workers, accelerator.device.type == "cuda")  # data.num_workers: auto
+    plan = inf.loader_plan  # data.num_workers: auto
     # Accelerate's loader cuts each global batch across the ranks and lets gather_for_metrics drop the padding
     loader = accelerator.prepare_data_loader(
-        DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=plan.workers, pin_memory=plan.pin_memory)
+        DataLoader(
+            dataset, batch_size=inf.batch_size, shuffle=False, num_workers=plan.workers, pin_memory=plan.pin_memory
+        )
     )
-    model = accelerator.prepare_model(loaded.model, evaluation_mode=True)  # device + mixed precision, no DDP
-    # uint8 batches -> the model's input on the device, normalized and cast as in training
-    prepare = device_input(card.mean, card.std, accelerator.device, cfg.train.mixed_precision)
+    model, prepare = inf.model, inf.prepare
     metrics, per_class, confusion = _score(accelerator, model, loader, prepare, card, cfg, chosen.name)
     report = {
         "model": str(loaded.folder),
@@ -144,7 +147,8 @@ def evaluate_model(model_path, data=None, split=None, out=None, overrides=()) ->
         "confusion_matrix": confusion.tolist(),
     }
     if accelerator.is_main_process:
-        _write(out_dir, report, confusion, card)
+        with writing(out_dir):
+            _write(out_dir, report, confusion, card)
         for line in table_lines(report, out_dir):
             print(line, flush=True)
     accelerator.wait_for_everyone()
@@ -155,12 +159,9 @@ def _dataset(cfg, card: ModelCard, chosen: EvalSplit, out_dir: Path):
     """The split as evaluation's torch dataset (the evaluation crop, the model's normalization), its
     unreadable images listed (data.bad_images=error) or left out (skip)."""
     classes = split_classes(card, chosen.ds, cfg.data.label_column)
-    # check_images checks a run's two splits: this one as the validation split, beside an empty training split
-    splits = Splits(chosen.ds.select([]), chosen.ds, list(card.class_names), chosen.name, classes.label_kind)
-    ds = check_images(cfg, splits, out_dir).val
+    ds = check_split_images(cfg, chosen.ds, chosen.name, out_dir)
     eval_crop = (card.crop_pct, card.interpolation)  # the model's evaluation crop, as in training
-    _, dataset = build_datasets(cfg, dataclasses.replace(splits, train=ds, val=ds), classes, eval_crop=eval_crop)
-    return dataset
+    return eval_dataset(cfg, ds, classes, chosen.name, eval_crop=eval_crop)
 
 
 def _score(accelerator, model, loader, prepare, card: ModelCard, cfg, split_name: str):

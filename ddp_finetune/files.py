@@ -12,19 +12,28 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
 
-def _temporary(path: Path) -> Path:
-    # same folder (os.replace is atomic within a file system), same suffix (writers pick the format by it)
-    return path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+def unique_tag() -> str:
+    """pid, rank and a random part: two processes (two commands into one --out, or the ranks of one job on
+    hosts that share a file system, where pids can repeat) never pick the same temporary name."""
+    return f"{os.getpid()}-{os.environ.get('RANK', '0')}-{secrets.token_hex(4)}"
+
+
+def temporary_path(path) -> Path:
+    """A hidden temporary name beside `path`, unique to this process: same folder (os.replace is atomic
+    within a file system), same suffix (writers pick the format by it)."""
+    path = Path(path)
+    return path.with_name(f".{path.stem}.{unique_tag()}.tmp{path.suffix}")
 
 
 def atomic_write_text(path, text: str) -> Path:
     """Write `text` to `path` atomically; returns the path."""
     path = Path(path)
-    tmp = _temporary(path)
+    tmp = temporary_path(path)
     try:
         with open(tmp, "w") as f:
             f.write(text)
@@ -40,7 +49,7 @@ def atomic_write_text(path, text: str) -> Path:
 def atomic_path(path) -> Iterator[Path]:
     """A temporary path to write to; moved onto `path` when the block ends without an error."""
     path = Path(path)
-    tmp = _temporary(path)
+    tmp = temporary_path(path)
     try:
         yield tmp
         os.replace(tmp, path)

@@ -48,16 +48,28 @@ class BadImage:
 def check_images(cfg, splits: Splits, output_dir) -> Splits:
     """Raise a UserError listing unreadable images (`data.bad_images: error`), or return the splits
     without them and a note for the start-up lines (`skip`)."""
-    columns = _columns(cfg, splits.train)
+    kept, notes = check_parts(cfg, {"train": splits.train, splits.val_source: splits.val}, output_dir)
+    return dataclasses.replace(splits, train=kept["train"], val=kept[splits.val_source], notes=[*splits.notes, *notes])
+
+
+def check_split_images(cfg, ds, name: str, output_dir):
+    """One split (`evaluate`'s): the same check as `check_images`; returns the split, without its unreadable
+    images under `data.bad_images: skip` (listed in output_dir/bad_images.txt)."""
+    return check_parts(cfg, {name: ds}, output_dir)[0][name]
+
+
+def check_parts(cfg, parts: dict, output_dir) -> tuple[dict, list[str]]:
+    """(the named splits without unreadable images, notes for the start-up lines); a UserError under
+    `data.bad_images: error`."""
+    columns = _columns(cfg, next(iter(parts.values())))
     if not columns:
-        return splits
-    parts = {"train": splits.train, splits.val_source: splits.val}
+        return parts, []
     start, scanned, bad = time.perf_counter(), 0, []
     for name, ds in parts.items():
         found, fresh = _check_split(name, ds, columns)
         scanned += len(ds) * len(columns) if fresh else 0
         bad += found
-    notes = list(splits.notes)
+    notes = []
     if scanned:
         notes.append(
             f"data: decoded {scanned} images to find unreadable ones in {time.perf_counter() - start:.1f} s "
@@ -65,8 +77,8 @@ def check_images(cfg, splits: Splits, output_dir) -> Splits:
         )
     listing = _write_list(output_dir, bad)
     if not bad:
-        return dataclasses.replace(splits, notes=notes)
-    total = (len(splits.train) + len(splits.val)) * len(columns)  # segmentation: images and masks
+        return parts, notes
+    total = sum(len(ds) for ds in parts.values()) * len(columns)  # segmentation: images and masks
     if cfg.data.bad_images == "error":
         shown = ", ".join(f"{b.name} ({b.reason})" for b in bad[:_SHOWN])
         more = f" and {len(bad) - _SHOWN} more" if len(bad) > _SHOWN else ""
@@ -76,7 +88,7 @@ def check_images(cfg, splits: Splits, output_dir) -> Splits:
         )
     kept = {name: _without(ds, {b.row for b in bad if b.split == name}) for name, ds in parts.items()}
     notes.append(f"data: skipped {len(bad)} unreadable images of {total} (data.bad_images=skip; list in {listing})")
-    return dataclasses.replace(splits, train=kept["train"], val=kept[splits.val_source], notes=notes)
+    return kept, notes
 
 
 def _columns(cfg, ds) -> list[tuple[str, bool]]:
@@ -97,7 +109,7 @@ def _columns(cfg, ds) -> list[tuple[str, bool]]:
 
 def _check_split(name: str, ds, columns) -> tuple[list[BadImage], bool]:
     """(bad images of one split, whether they were decoded now rather than read from the cache)."""
-    if len(ds) == 0:  # nothing to decode (evaluate checks its one split as the validation split)
+    if len(ds) == 0:  # nothing to decode
         return [], False
     cache = _cache_file(ds, columns)
     cached = dist_utils.broadcast_object(_read_cache(cache) if dist_utils.is_main_process() else None)

@@ -135,6 +135,19 @@ def decode_rgb(value, where: str | None = None) -> torch.Tensor:
     return pil_to_tensor(open_rgb(value, where))
 
 
+def try_decode_rgb(value) -> tuple[torch.Tensor | None, str | None]:
+    """(RGB uint8 tensor (3, H, W), None), or (None, why it cannot be used), for a path or a stored
+    {"bytes", "path"} value: training's check (`image_problem`) then training's decoding (`decode_rgb`), so a
+    command that reports an unreadable image and goes on (`predict`) sees what training and evaluation see."""
+    problem = image_problem(value)
+    if problem:
+        return None, problem
+    try:
+        return decode_rgb(value), None
+    except UserError as exc:
+        return None, str(exc)
+
+
 def jpeg_size(data: bytes) -> tuple[int, int] | None:
     """(height, width) of a JPEG file whose colours nvJPEG turns into RGB (RGB or grayscale), read from
     its header without decoding it; None for any other file (CMYK JPEGs, other formats)."""

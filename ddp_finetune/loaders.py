@@ -172,3 +172,14 @@ def build_loaders(cfg, train_ds, val_ds, plan: LoaderPlan):
     train_dl = _loader(train_ds, plan, cfg.seed, batch_size=micro, sampler=sampler, drop_last=True)
     val_dl = _loader(val_ds, plan, cfg.seed, batch_size=cfg.train.eval_batch_size or cfg.train.batch_size)
     return train_dl, val_dl, sampler
+
+
+def eval_batch_size(cfg, processes: int) -> int:
+    """The global evaluation batch (`train.eval_batch_size`, else `train.batch_size`), which Accelerate cuts
+    into equal shares: one line when it does not divide by the processes (training and `evaluate`)."""
+    batch = cfg.train.eval_batch_size or cfg.train.batch_size
+    if batch % processes:
+        raise UserError(
+            f"train.eval_batch_size={batch} does not divide by {processes} processes; use a multiple of {processes}"
+        )
+    return batch

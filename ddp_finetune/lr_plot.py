@@ -15,14 +15,14 @@ ReduceLROnPlateau needs validation metrics, which only training gives: it stays 
 from __future__ import annotations
 
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 
 from .errors import UserError
-from .files import atomic_path
 from .models import build_model
+from .out_paths import PICTURES, file_out
 from .param_groups import NO_DECAY_SUFFIX, build_param_groups, lr_log, make_optimizer
+from .plot import save_figure
 from .schedules import build_schedule
 
 
@@ -128,8 +128,7 @@ def plot_lrs(
     except ImportError:
         raise UserError("the lr plot needs matplotlib; install it with pip install 'ddp-finetune[plot]'") from None
 
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = file_out(out_path, "--out", default_name="lr.png", suffixes=PICTURES)
     fig = Figure(figsize=(9, 5), layout="constrained")
     ax = fig.add_subplot()
     for key, values in series.items():
@@ -156,9 +155,7 @@ def plot_lrs(
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best", ncol=2 if len(series) > 8 else 1)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=100)
-    return out
+    return save_figure(fig, out, dpi=100)
 
 
 def plot_schedule(cfg, steps_per_epoch: int, out_path):
@@ -194,6 +191,7 @@ def lr_plot_command(config_path, overrides, out_path, steps_per_epoch: int | Non
     from .config import load_config
 
     cfg = load_config(config_path, overrides)
+    out_path = file_out(out_path, "--out", default_name="lr.png", suffixes=PICTURES)  # before loading the dataset
     if steps_per_epoch is None:
         from .data import load_splits
 

@@ -109,6 +109,13 @@ def find_model_folder(path) -> tuple[Path, Path | None]:
     p = Path(path)
     if not p.exists():
         raise UserError(f"{str(p)!r} does not exist; give a run folder (output_dir) or its final/ folder")
+    if (p / "trainer_state.json").is_file():  # checkpoints/step_<N>: weights, but no card
+        run = p.parent.parent
+        raise UserError(
+            f"{str(p)!r} is a training checkpoint, not a model folder; finish the run to write {FINAL}/ "
+            f"(`ddp-finetune train {run / CONFIG_FILE} checkpoint.resume=auto`, with train.epochs or train.max_steps "
+            f"where it should stop), then give {run} or {run / FINAL}"
+        )
     if (p / CARD_FILE).is_file() or (p / WEIGHTS_FILE).is_file() or (p / WEIGHTS_INDEX).is_file():
         run = p.parent if (p.parent / "metrics.jsonl").is_file() else None
         folder = p
@@ -130,18 +137,90 @@ def find_model_folder(path) -> tuple[Path, Path | None]:
 
 
 def read_card(folder: Path) -> ModelCard:
+    """The model card, each field of the type it must have (one line naming the first that is not)."""
+    path = folder / CARD_FILE
     try:
-        values = json.loads((folder / CARD_FILE).read_text())
-        if values.get("version", 0) > CARD_VERSION:
-            raise UserError(
-                f"{folder / CARD_FILE} is of card version {values['version']}, newer than this ddp-finetune "
-                f"reads ({CARD_VERSION}); upgrade ddp-finetune"
-            )
-        known = {f.name for f in dataclasses.fields(ModelCard)}
+        values = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is damaged ({first_line(exc)}); copy the folder again") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{path} is damaged (a {type(values).__name__}, not a JSON object); copy the folder again")
+    version = values.get("version", 0)
+    if isinstance(version, int) and version > CARD_VERSION:
+        raise UserError(
+            f"{path} is of card version {version}, newer than this ddp-finetune reads ({CARD_VERSION}); "
+            "upgrade ddp-finetune"
+        )
+    known = {f.name for f in dataclasses.fields(ModelCard)}
+    try:
         card = ModelCard(**{k: v for k, v in values.items() if k in known})
-    except (ValueError, TypeError) as exc:
-        raise UserError(f"{folder / CARD_FILE} is damaged ({first_line(exc)}); copy the folder again") from None
+    except TypeError as exc:  # a required field missing
+        raise UserError(f"{path} is damaged ({first_line(exc)}); copy the folder again") from None
+    for name, wanted, kind in _CARD_TYPES:
+        value = getattr(card, name)
+        ok = isinstance(value, wanted) and not isinstance(value, bool)
+        if ok and isinstance(value, list):
+            ok = all(isinstance(v, kind) and not isinstance(v, bool) for v in value)
+        if not ok:
+            raise UserError(f"{path}: {name}={value!r} is not {_TYPE_WORDS[name]}; copy the folder again")
     return dataclasses.replace(card, class_names=tuple(card.class_names), mean=tuple(card.mean), std=tuple(card.std))
+
+
+# (field, the JSON types it may have, the type of its items), what read_card checks
+_CARD_TYPES = (
+    ("model_name", str, None),
+    ("task", str, None),
+    ("class_names", list, str),
+    ("outputs", int, None),
+    ("image_size", int, None),
+    ("mean", list, (int, float)),
+    ("std", list, (int, float)),
+    ("threshold", (int, float, type(None)), None),
+    ("ignore_index", (int, type(None)), None),
+)
+_TYPE_WORDS = {
+    "model_name": "a string",
+    "task": "a string",
+    "class_names": "a list of strings",
+    "outputs": "an integer",
+    "image_size": "an integer",
+    "mean": "a list of numbers",
+    "std": "a list of numbers",
+    "threshold": "a number or null",
+    "ignore_index": "an integer or null",
+}
+
+
+def check_model_folder(folder: Path, card: ModelCard, saved: Config) -> None:
+    """The model folder as a whole: the card agrees with itself and with the saved config (the weights are
+    compared with the rebuilt model afterwards). One line naming the field that disagrees."""
+    path = folder / CARD_FILE
+    if card.model_name != saved.model.name:
+        raise UserError(
+            f"{path}: model_name={card.model_name!r} is not the model.name of {folder / CONFIG_FILE} "
+            f"({saved.model.name!r}); the files come from different runs: copy the whole folder again"
+        )
+    if card.task != saved.task:
+        raise UserError(
+            f"{path}: task={card.task!r} is not the task of {folder / CONFIG_FILE} ({saved.task!r}); the files come "
+            "from different runs: copy the whole folder again"
+        )
+    if card.image_size <= 0:
+        raise UserError(f"{path}: image_size={card.image_size} is not a size in pixels (> 0); copy the folder again")
+    if card.outputs <= 0 or (card.task == "binary" and card.outputs != 1):
+        raise UserError(
+            f"{path}: outputs={card.outputs} cannot be the head of a {card.task} model; copy the folder again"
+        )
+    # binary: the two label values on one logit; otherwise one name per output at most (a head wider than
+    # the named classes, model.num_classes, is labelled by index)
+    most = 2 if card.task == "binary" else card.outputs
+    if len(card.class_names) > most:
+        raise UserError(
+            f"{path}: {len(card.class_names)} class_names for a model with {card.outputs} outputs "
+            f"({', '.join(card.class_names[:5])}...); copy the folder again"
+        )
+    if len(card.mean) != 3 or len(card.std) != 3 or any(v <= 0 for v in card.std):
+        raise UserError(f"{path}: mean / std are not 3 numbers each (std > 0); copy the folder again")
 
 
 def _read_config(folder: Path, overrides) -> tuple[Config, Config]:
@@ -149,7 +228,12 @@ def _read_config(folder: Path, overrides) -> tuple[Config, Config]:
     path = folder / CONFIG_FILE
     if not path.is_file():
         raise UserError(f"model folder {str(folder)!r} has no {CONFIG_FILE}; copy the whole folder")
-    values = yaml.safe_load(path.read_text()) or {}
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is damaged ({first_line(exc)[:120]}); copy the folder again") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{path} is damaged (a {type(values).__name__}, not a mapping of keys); copy the folder again")
     # data.path may be null: a run given its data from Python (fit(train_data=...)); evaluate asks for --data
     saved = config_from_dict(values, data_given=True)
     cfg = config_from_dict(values, list(overrides), data_given=True)
@@ -167,8 +251,11 @@ def read_weights(folder: Path) -> dict:
 
     files = [folder / WEIGHTS_FILE]
     if not files[0].is_file() and (folder / WEIGHTS_INDEX).is_file():
-        index = json.loads((folder / WEIGHTS_INDEX).read_text())
-        files = [folder / name for name in sorted(set(index["weight_map"].values()))]
+        try:
+            index = json.loads((folder / WEIGHTS_INDEX).read_text())
+            files = [folder / str(name) for name in sorted(set(index["weight_map"].values()))]
+        except (ValueError, UnicodeDecodeError, TypeError, KeyError, AttributeError) as exc:
+            raise UserError(f"{folder / WEIGHTS_INDEX} is damaged ({first_line(exc)}); copy the folder again") from None
     state = {}
     for f in files:
         if not f.is_file():
@@ -185,6 +272,7 @@ def load_model_folder(path, overrides=()) -> LoadedModel:
     folder, run = find_model_folder(path)
     card = read_card(folder)
     saved, cfg = _read_config(folder, overrides)
+    check_model_folder(folder, card, saved)
     model_cfg = dataclasses.replace(saved.model, weights=None)
     model, parts, _ = build_model(model_cfg, card.outputs, card.task, image_size=card.image_size)
     state = read_weights(folder)

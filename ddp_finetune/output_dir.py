@@ -172,6 +172,34 @@ def clean_leftovers(out: Path) -> None:
                     print(f"ddp-finetune: restored {kept} (moved aside by an interrupted save)", flush=True)
 
 
+# --------------------------------------------------------------------------- a moved run folder
+
+
+def follow_moved_run(config_path, cfg, overrides=()):
+    """`train RUN/config.yaml` of a run folder that was moved (or copied) away from the output_dir its
+    config names: the run continues where its folder now is, as the advice the package prints
+    (`ddp-finetune train RUN/config.yaml checkpoint.resume=auto`) means, not in the old path. An
+    `output_dir=` override wins. Returns the config, with output_dir replaced when it was followed."""
+    import dataclasses
+
+    if config_path is None or any(str(o).startswith("output_dir=") for o in overrides):
+        return cfg
+    path = Path(str(config_path))
+    folder = path.parent
+    is_run = path.name == "config.yaml" and any(
+        (folder / m).exists() for m in ("checkpoints", "metrics.jsonl", "final")
+    )
+    if not is_run or Path(cfg.output_dir).resolve() == folder.resolve():
+        return cfg
+    if dist_utils.launched_rank() == 0:
+        print(
+            f"ddp-finetune: {path} is the config of the run folder {folder}, whose output_dir={cfg.output_dir!r} is "
+            f"elsewhere (moved?): the run continues in {folder} (give output_dir=... to choose another)",
+            flush=True,
+        )
+    return dataclasses.replace(cfg, output_dir=str(folder))
+
+
 # --------------------------------------------------------------------------- space
 
 

@@ -11,11 +11,13 @@ and the throughput in images/s. One colour per run, named in the legend.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
 from .files import atomic_path
+from .out_paths import PICTURES, file_out, writing
 from .tracking import METRICS_FILE, read_metrics
 
 _NOT_CURVES = {"step", "epoch", "split", "count", "skipped_step", "nonfinite_steps"}
@@ -29,6 +31,14 @@ def new_figure(**kwargs):
     except ImportError:
         raise UserError("drawing needs matplotlib; install it with pip install 'ddp-finetune[plot]'") from None
     return Figure(layout="constrained", **kwargs)
+
+
+def save_figure(fig, out: Path, dpi: int) -> Path:
+    """`fig` into the checked path `out` (out_paths.file_out), atomically; the format named explicitly,
+    since the temporary name's suffix is not the picture's."""
+    with writing(out), atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=dpi, format=out.suffix.lstrip(".").lower())
+    return out
 
 
 # --------------------------------------------------------------------------- curves
@@ -64,16 +74,23 @@ def run_metrics_file(run) -> Path:
     raise UserError(f"run {str(p)!r} {what}; give a run folder (the output_dir of a training run)")
 
 
+def _warn(message: str) -> None:
+    print(f"plot: warning: {message}", file=sys.stderr, flush=True)
+
+
 def read_curves(run, name: str | None = None) -> Curves:
     """Every numeric series of a run's metrics.jsonl, train and val records apart."""
     path = run_metrics_file(run)
     curves = Curves(name or path.parent.name)
-    for record in read_metrics(path):
-        step = record.get("step")
+    for record in read_metrics(path, warn=_warn):
+        step = _number(record.get("step"))
+        if step is None or step != step or abs(step) == float("inf"):  # no step to draw it at: not a record of ours
+            _warn(f"{path}: a record without a numeric step skipped: {str(record)[:80]}")
+            continue
         target = curves.val if record.get("split") == "val" else curves.train
         for key, value in record.items():
             number = _number(value)
-            if key in _NOT_CURVES or number is None or step is None:
+            if key in _NOT_CURVES or number is None:
                 continue
             steps, values = target.setdefault(key, ([], []))
             steps.append(int(step))
@@ -93,6 +110,7 @@ def run_names(runs) -> list[str]:
 def plot_runs(runs, out_path, title: str | None = None) -> Path:
     """Training loss, validation metrics, learning rates and images/s of `runs`, overlaid, into a PNG."""
     runs = list(runs)
+    out = file_out(out_path, "--out", default_name="curves.png", suffixes=PICTURES)
     all_curves = [read_curves(r, n) for r, n in zip(runs, run_names(runs))]
     fig = new_figure(figsize=(12, 7.5))
     (loss_ax, val_ax), (lr_ax, speed_ax) = fig.subplots(2, 2, sharex=True)
@@ -120,11 +138,7 @@ def plot_runs(runs, out_path, title: str | None = None) -> Path:
         ax.set_xlabel("optimizer step")
         ax.set_ylim(bottom=0)  # a constant lr or a steady speed reads as one, not as noise around a point
     fig.suptitle(title or "training curves: " + ", ".join(c.name for c in all_curves), fontsize=11)
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=90)
-    return out
+    return save_figure(fig, out, dpi=90)
 
 
 def _line(ax, series, colour, style, marker=None) -> None:
@@ -204,8 +218,4 @@ def plot_confusion(confusion, names, out_path, title: str = "", multilabel: bool
     ax.set_ylabel(ylabel)
     total = int(matrix[0].sum() if multilabel else matrix.sum()) if rows else 0
     ax.set_title(f"{title}\n{total} {unit}", fontsize=9)
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=90)
-    return out
+    return save_figure(fig, file_out(out_path, "--out", suffixes=PICTURES), dpi=90)

@@ -37,13 +37,13 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from . import distributed as dist_utils
 from .data_checks import IMAGE_SUFFIXES
 from .errors import UserError
-from .images import try_open_rgb
-from .loaders import plan_loaders
-from .model_folder import THRESHOLD, ModelCard, load_model_folder
+from .images import try_decode_rgb
+from .inference import is_saved_dataset, start_inference
+from .model_folder import THRESHOLD, ModelCard
 from .models import split_outputs
-from .performance import configure_backends
-from .predict_outputs import Options, Writer, csv_rows, mask_png, overlay_jpeg, palette
-from .transforms import device_input, eval_view, whole_view
+from .out_paths import file_out, folder_out, writing
+from .predict_outputs import CSV_NAME, Options, Writer, csv_rows, mask_png, overlay_jpeg, palette
+from .transforms import eval_view, whole_view
 
 # --------------------------------------------------------------------------- inputs
 
@@ -63,10 +63,6 @@ class Item:
 class Inputs:
     items: list[Item] = field(default_factory=list)
     tables: list[tuple[object, str]] = field(default_factory=list)  # (datasets.Dataset, image column)
-
-
-def _is_saved_dataset(p: Path) -> bool:
-    return any((p / f).is_file() for f in ("dataset_dict.json", "state.json"))
 
 
 def _image_column(ds, wanted: str, where: str) -> str:
@@ -94,7 +90,7 @@ def list_inputs(paths, image_column: str) -> Inputs:
             raise UserError(
                 f"input {text!r} does not exist; give image files, folders of images or datasets saved with save_to_disk"
             )
-        if p.is_dir() and _is_saved_dataset(p):
+        if is_saved_dataset(p):
             loaded = datasets.load_from_disk(str(p))
             parts = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [(None, loaded)]
             for split, ds in parts:
@@ -138,14 +134,18 @@ def check_unique_outputs(items: list[Item]) -> None:
 
 
 def input_transform(card: ModelCard):
-    """PIL image -> uint8 (3, S, S), what the model sees once normalized on the device (`device_input`):
-    evaluation's crop (classifiers) or the whole image resized (segmenters)."""
+    """RGB uint8 image (3, H, W), or a PIL image -> uint8 (3, S, S), what the model sees once normalized on
+    the device (`device_input`): evaluation's crop (classifiers) or the whole image resized (segmenters)."""
     from torchvision.transforms.v2.functional import pil_to_tensor
 
-    if card.task == "segmentation":
-        return lambda image: whole_view(pil_to_tensor(image), card.image_size)
-    # the model's own evaluation crop (timm's crop_pct and interpolation), as training evaluated it
-    return lambda image: eval_view(pil_to_tensor(image), card.image_size, False, card.crop_pct, card.interpolation)
+    def transform(image):
+        x = image if isinstance(image, torch.Tensor) else pil_to_tensor(image)
+        if card.task == "segmentation":
+            return whole_view(x, card.image_size)
+        # the model's own evaluation crop (timm's crop_pct and interpolation), as training evaluated it
+        return eval_view(x, card.image_size, False, card.crop_pct, card.interpolation)
+
+    return transform
 
 
 class PredictImages(Dataset):
@@ -166,10 +166,10 @@ class PredictImages(Dataset):
         return ds[item.row][column]
 
     def __getitem__(self, index):
-        image, problem = try_open_rgb(self.value(index))
+        image, problem = try_decode_rgb(self.value(index))  # training's check and decoding (images.py)
         if image is None:
             return index, None, None, problem
-        return index, self.transform(image), (image.height, image.width), None
+        return index, self.transform(image), tuple(image.shape[-2:]), None
 
 
 @dataclass
@@ -210,8 +210,8 @@ def _results(batch: Batch | None, model, prepare, card: ModelCard, opts: Options
                 mask = full.argmax(1)[0].cpu()
                 overlay = None
                 if opts.overlay:
-                    image, _ = try_open_rgb(dataset.value(index))
-                    overlay = overlay_jpeg(image, mask, colours) if image is not None else None
+                    image, _ = try_decode_rgb(dataset.value(index))
+                    overlay = overlay_jpeg(image.permute(1, 2, 0).numpy(), mask, colours) if image is not None else None
                 rows.append((index, mask_png(mask, colours), overlay))
     return {"rows": rows, "failed": batch.failed}
 
@@ -224,10 +224,12 @@ def shard(n: int, per_rank: int, rank: int, world: int) -> tuple[int, list[int]]
     return blocks, mine
 
 
-def check_out(out, task: str) -> None:
-    """On every rank, before any work: an --out the task cannot write to."""
-    if task == "segmentation" and Path(out).is_file():
-        raise UserError(f"--out {str(out)!r} is a file; segmentation writes a folder of masks: give a folder")
+def check_out(out, task: str) -> Path:
+    """On every rank, before any work: the checked output (out_paths.py), a folder of masks for a segmenter,
+    else the CSV file (a folder or `dir/` means dir/predictions.csv)."""
+    if task == "segmentation":
+        return folder_out(out, "--out", what="a folder of masks (segmentation)")
+    return file_out(out, "--out", default_name=CSV_NAME)
 
 
 def predict(model_path, inputs, out, opts: Options | None = None, overrides=()) -> dict:
@@ -237,43 +239,42 @@ def predict(model_path, inputs, out, opts: Options | None = None, overrides=()) 
         raise UserError(f"--top-k {opts.top_k}: give 1 or more classes per image")
     if opts.threshold is not None and not 0.0 < opts.threshold < 1.0:
         raise UserError(f"--threshold {opts.threshold}: give a probability between 0 and 1")
-    loaded = load_model_folder(model_path, overrides)
-    cfg, card = loaded.cfg, loaded.card
+    # model folder -> accelerator -> DeviceInput (inference.py); predict cuts its own blocks: any batch size
+    inf = start_inference(model_path, overrides, whole_batches=False)
+    cfg, card, accelerator = inf.cfg, inf.card, inf.accelerator
     if opts.threshold is None:
         opts = dataclasses.replace(opts, threshold=card.threshold if card.threshold is not None else THRESHOLD)
-    check_out(out, card.task)
-    accelerator = dist_utils.make_accelerator(cfg.train.mixed_precision)
-    configure_backends(accelerator.device.type == "cuda", cfg.train.deterministic)  # as training ran the model
+    out = check_out(out, card.task)
     found = list_inputs(inputs, cfg.data.image_column)
     if card.task == "segmentation":
         check_unique_outputs(found.items)
     world, rank = accelerator.num_processes, accelerator.process_index
-    per_rank = max(1, (cfg.train.eval_batch_size or cfg.train.batch_size) // world)
+    per_rank = max(1, inf.batch_size // world)
     blocks, mine = shard(len(found.items), per_rank, rank, world)
     dataset = PredictImages(found, input_transform(card))
     loader = DataLoader(
-        Subset(dataset, mine),
-        batch_size=per_rank,
-        num_workers=plan_loaders(cfg.data.num_workers, accelerator.device.type == "cuda").workers,
-        collate_fn=collate,
+        Subset(dataset, mine), batch_size=per_rank, num_workers=inf.loader_plan.workers, collate_fn=collate
     )
-    model = accelerator.prepare_model(loaded.model, evaluation_mode=True)  # device + mixed precision, no DDP
-
-    prepare = device_input(card.mean, card.std, accelerator.device, cfg.train.mixed_precision)
+    model, prepare = inf.model, inf.prepare
 
     def infer(batch):
         return _results(batch, model, prepare, card, opts, dataset)
 
-    writer = Writer(Path(out), card, opts, found.items) if accelerator.is_main_process else None
+    writer = None
+    if accelerator.is_main_process:
+        with writing(out):
+            writer = Writer(out, card, opts, found.items)
     try:
         skipped = _rounds(iter(loader), blocks, infer, writer, found.items, opts.strict, out)
+        if writer is not None:
+            with writing(out):
+                written = writer.finish()
     except BaseException:
         if writer is not None:
             writer.abandon()
         raise
     summary = {"images": len(found.items) - skipped, "skipped": skipped, "processes": world}
     if writer is not None:
-        written = writer.finish()
         skipped_text = f", skipped {skipped} unreadable (listed above)" if skipped else ""
         print(f"predict: {summary['images']} images on {world} processes{skipped_text}; wrote {written}", flush=True)
     accelerator.wait_for_everyone()

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 
+from .files import temporary_path, unique_tag
 from .model_folder import ModelCard
 
 CSV_NAME = "predictions.csv"  # the file written when --out is a folder
-STAGING = ".partial-predict"  # masks are written here, then moved into place
+STAGING = ".partial-predict"  # masks are written in STAGING-<pid>-<rank>-<random>, then moved into place
 
 
 def palette(n: int) -> list[tuple[int, int, int]]:
@@ -108,24 +109,42 @@ def csv_rows(card: ModelCard, opts: Options, logits: torch.Tensor) -> list[list]
     return rows
 
 
+def _remove_dead_staging(out: Path) -> None:
+    """Staging folders left by killed predict runs on this host (their pid is gone); another live run's stays."""
+    if not out.is_dir():
+        return
+    for folder in out.glob(f"{STAGING}*"):
+        pid = folder.name[len(STAGING) :].lstrip("-").split("-")[0]
+        try:
+            if pid:
+                os.kill(int(pid), 0)
+                continue  # alive (or a pid reused): leave it
+        except (ProcessLookupError, ValueError):
+            pass
+        except PermissionError:
+            continue  # alive, another user's
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 class Writer:
     """The main process's output: a CSV, or a folder of masks; written under temporary names and put in
     place by `finish` (nothing half-written after an error or --strict)."""
 
     def __init__(self, out: Path, card: ModelCard, opts: Options, items: list):
+        """`out`: the checked output (predict.check_out): the mask folder, or the CSV file."""
         self.card, self.opts, self.items = card, opts, items
         self.segmentation = card.task == "segmentation"
         self.written = 0
         if self.segmentation:
             self.out = out
-            self.staging = out / STAGING
-            shutil.rmtree(self.staging, ignore_errors=True)  # left by a killed run
+            # unique to this process: two predict runs into one --out never share (or delete) a staging folder
+            _remove_dead_staging(out)
+            self.staging = out / f"{STAGING}-{unique_tag()}"
             self.staging.mkdir(parents=True)
             self.colours = palette(card.outputs)
         else:
-            self.out = out / CSV_NAME if out.is_dir() else out
-            self.out.parent.mkdir(parents=True, exist_ok=True)
-            self.partial = self.out.with_name(f".{self.out.name}.partial")
+            self.out = out
+            self.partial = temporary_path(self.out)  # unique to this process, renamed onto out at the end
             self.file = self.partial.open("w", newline="")
             self.csv = csv.writer(self.file)
             self.csv.writerow(csv_header(card, opts))

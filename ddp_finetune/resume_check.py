@@ -29,6 +29,7 @@ _FREE_TO_CHANGE = (
     "data.bad_images",
 )
 _SHOWN = 3
+CLASS_NAMES_KEY = "class_names"  # trainer_state.json: the run's classes in index order (since checkpoints hold it)
 
 
 def _flat(tree, prefix: str = "") -> dict:
@@ -109,3 +110,34 @@ def _weights_mismatch(accelerator, folder: Path) -> str | None:
         k = reshaped[0]
         parts.append(f"{len(reshaped)} keys have other shapes, e.g. {k} {list(saved[k])} there, {list(here[k])} here")
     return "; ".join(parts) or None
+
+
+def check_classes(folder, names, data_path) -> None:
+    """The run's classes are the checkpoint's, by name and order: a class folder replaced by another (same
+    count, same shapes) would otherwise train on, and model.json name classes half the run never saw.
+    Checkpoints saved before the names were kept are not checked here (the weights' shapes still are)."""
+    import json
+
+    state_file = Path(folder) / "trainer_state.json"
+    try:
+        saved = json.loads(state_file.read_text()).get(CLASS_NAMES_KEY)
+    except (OSError, ValueError, AttributeError):
+        return  # resolve_resume verified the checkpoint; an unreadable state is load_checkpoint's to report
+    if saved is None or list(saved) == list(names):
+        return
+    gone = [n for n in saved if n not in names]
+    new = [n for n in names if n not in saved]
+    what = "; ".join(
+        part
+        for part in (
+            f"gone: {', '.join(gone[: _SHOWN * 2])}" if gone else "",
+            f"new: {', '.join(new[: _SHOWN * 2])}" if new else "",
+            "same classes in another order" if not gone and not new else "",
+        )
+        if part
+    )
+    raise UserError(
+        f"checkpoint {folder} was trained on the classes ({', '.join(saved[:10])}), data.path={str(data_path)!r} "
+        f"has ({', '.join(list(names)[:10])}) ({what}); resume with the data it was trained on, or start the new "
+        "classes in a new output_dir"
+    )

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -20,15 +19,14 @@ from torch import nn
 from . import distributed as dist_utils
 from . import performance
 from .checkpoint import list_checkpoints
-from .config import Config, dump_config
+from .config import Config
 from .data import Classes, Splits, decide_classes, load_splits
 from .datasets import build_datasets, decide_decode
 from .errors import UserError
-from .files import atomic_write_text
 from .freeze import BackboneFreeze
 from .guards import NonFiniteGuard
 from .image_check import check_images
-from .loaders import EpochSampler, LoaderPlan, build_loaders, plan_loaders
+from .loaders import EpochSampler, LoaderPlan, build_loaders, eval_batch_size, plan_loaders
 from .losses import build_loss, needs_statistics_pass
 from .models import LoadReport, Parts, build_model, check_model_name, generic_parts
 from .output_dir import check_free_space
@@ -137,15 +135,12 @@ def check_batch_sizes(cfg: Config, processes: int) -> None:
             f"train.batch_size={cfg.train.batch_size} does not divide by {processes} processes x train.grad_accum={k}; "
             f"use a multiple of {processes * k}"
         )
-    eval_batch = cfg.train.eval_batch_size or cfg.train.batch_size
-    if eval_batch % processes:
-        raise UserError(
-            f"train.eval_batch_size={eval_batch} does not divide by {processes} processes; use a multiple of {processes}"
-        )
+    eval_batch_size(cfg, processes)
 
 
 def start_accelerator(cfg: Config, custom_model: bool = False):
-    """The Accelerator, after every check that needs no data; the run's config.yaml written."""
+    """The Accelerator, after every check that needs no data (train._fit writes the run's config.yaml once
+    the run is known to go ahead: a refused resume leaves the run's own config.yaml as it was)."""
     accelerator = dist_utils.make_accelerator(
         cfg.train.mixed_precision,
         log_with=log_with(cfg),
@@ -159,11 +154,6 @@ def start_accelerator(cfg: Config, custom_model: bool = False):
         performance.check_compile(device_type)  # before any data is loaded
     if not custom_model:
         check_model_name(cfg.model.name, cfg.task)  # before loading any data
-    if accelerator.is_main_process:
-        out = Path(cfg.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.yaml", dump_config(cfg))
-    accelerator.wait_for_everyone()
     return accelerator
 
 

@@ -9,11 +9,15 @@ source of truth. The values are those of a validated `Config`, so the file alway
 
 from __future__ import annotations
 
+import errno
+import os
 import textwrap
 from pathlib import Path
 
 from .config import Config, config_from_dict, flow_yaml, reference_rows
 from .errors import UserError
+from .files import temporary_path
+from .out_paths import file_out, writing
 
 TASKS = ("classification", "segmentation", "binary", "multilabel")
 
@@ -153,14 +157,34 @@ def render_starter(task: str, out_name: str, overrides: list[str] | tuple = ()) 
     return "\n".join(lines) + "\n"
 
 
+DEFAULT_NAME = "my_run.yaml"  # what `init` writes, also inside a folder given as --out
+
+
 def write_starter(out, task: str, overrides: list[str] | tuple = ()) -> Path:
-    """Write the starter config to `out`; refuses to overwrite an existing file (UserError)."""
-    out = Path(out)
+    """Write the starter config to `out` (a folder or `dir/`: dir/my_run.yaml); refuses to overwrite an
+    existing file (UserError)."""
+    out = file_out(out, "--out", default_name=DEFAULT_NAME)
+    if out.exists():  # checked before the text is rendered; the link below is what makes it race-free
+        raise UserError(f"{out} already exists and init never overwrites; give another --out or delete it")
     text = render_starter(task, str(out), overrides)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(out)
     try:
-        with out.open("x") as f:  # "x": never replace a config someone has edited
-            f.write(text)
-    except FileExistsError:
-        raise UserError(f"{out} already exists and init never overwrites; give another --out or delete it") from None
+        with writing(out):
+            tmp.write_text(text)
+            try:
+                try:
+                    os.link(tmp, out)  # atomic and never replaces: a config someone has edited stays
+                except FileExistsError:
+                    raise
+                except OSError as exc:
+                    if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP):
+                        raise
+                    with out.open("x") as f:  # a file system without hard links: exclusive create, not atomic
+                        f.write(text)
+            except FileExistsError:
+                raise UserError(
+                    f"{out} already exists and init never overwrites; give another --out or delete it"
+                ) from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return out

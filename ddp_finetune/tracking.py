@@ -120,14 +120,23 @@ def _key(record: dict) -> tuple:
     return record.get("split", "train"), record.get("step")
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl; a line cut short (the process was killed while writing it) is dropped."""
+def read_metrics(path: Path, warn=None) -> list[dict]:
+    """The records of a metrics.jsonl. A line that is not a JSON object (cut short by a kill while it was
+    written, not UTF-8, a bare value) is dropped; `warn(message)`, when given, hears of each but a cut last line."""
     out = []
-    for line in path.read_text().splitlines():
+    lines = path.read_bytes().splitlines()
+    for number, raw in enumerate(lines, 1):
         try:
-            out.append(json.loads(line))
-        except ValueError:
+            record = json.loads(raw.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            if warn is not None and number < len(lines) and raw.strip():
+                warn(f"{path}: line {number} skipped: not JSON ({str(exc).splitlines()[0][:80]})")
             continue
+        if not isinstance(record, dict):
+            if warn is not None:
+                warn(f"{path}: line {number} skipped: a {type(record).__name__}, not a record")
+            continue
+        out.append(record)
     return out
 
 

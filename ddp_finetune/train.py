@@ -35,6 +35,7 @@ from .models import split_outputs
 from .output_dir import claim_output_dir
 from .param_groups import lr_log
 from .preemption import EXIT_PREEMPTED, PREEMPTED_FILE, StopWatcher
+from .resume_check import CLASS_NAMES_KEY, check_classes
 from .run import Inputs, Run, build_run, start_lines
 from .tracking import MetricsLog, init_trackers
 
@@ -307,7 +308,8 @@ def save(run: Run, progress: Progress) -> Path:
             f"the weights or BatchNorm statistics hold NaN or inf at step {progress.step}; not saving them ({kept}): "
             "lower optim.lr, set train.max_grad_norm, or check the data and the loss"
         )
-    state = dataclasses.asdict(progress)
+    # the class names go with the position: a resume checks them by name (resume_check.check_classes)
+    state = {**dataclasses.asdict(progress), CLASS_NAMES_KEY: list(run.classes.names)}
     return ckpt.save_checkpoint(
         run.accelerator, cfg.output_dir, progress.step, state, dump_config(cfg), cfg.checkpoint.keep_last
     )
@@ -324,6 +326,30 @@ def _refuse_mixing_runs(cfg: Config, resume_from: Path | None) -> None:
             f"output_dir={cfg.output_dir!r} already holds checkpoints of an earlier run (newest {earlier.name}); "
             "continue it with checkpoint.resume=auto, or use a new output_dir"
         )
+
+
+def _refuse_replacing_finished(cfg: Config, resume_from: Path | None) -> None:
+    """A fresh run (no checkpoint to resume, `auto` included) into an output_dir holding a finished run would
+    replace that run's final/ and metrics.jsonl: the user's result. Refused unless checkpoint.overwrite_finished."""
+    if resume_from is not None or cfg.checkpoint.overwrite_finished:
+        return
+    out = Path(cfg.output_dir)
+    found = [p for p in (out / "final" / "model.safetensors", out / "summary.json") if p.is_file()]
+    if (out / "final" / "model.safetensors.index.json").is_file():
+        found.append(out / "final")
+    if found:
+        raise UserError(
+            f"output_dir={cfg.output_dir!r} holds a finished run ({', '.join(str(p.relative_to(out)) for p in found)}); "
+            "a new run would replace its final/ and metrics.jsonl: choose a new output_dir, or set "
+            "checkpoint.overwrite_finished=true to replace it"
+        )
+
+
+def _write_run_config(run: Run) -> None:
+    """output_dir/config.yaml, once the run goes ahead (a refused resume leaves the run's own as it was)."""
+    if run.accelerator.is_main_process:
+        atomic_write_text(Path(run.cfg.output_dir) / "config.yaml", dump_config(run.cfg))
+    run.accelerator.wait_for_everyone()
 
 
 def _epochs(run: Run, progress: Progress, log: MetricsLog, watcher: StopWatcher, bar) -> float:
@@ -377,12 +403,17 @@ def _fit(cfg: Config, inputs: Inputs) -> dict:
     t0 = time.perf_counter()
     resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, cfg.output_dir)
     _refuse_mixing_runs(cfg, resume_from)
+    _refuse_replacing_finished(cfg, resume_from)
     run = build_run(cfg, inputs)
     progress = Progress()
     if resume_from is not None:
+        check_classes(resume_from, run.classes.names, cfg.data.path)  # by name: before the weights' shapes
         # a checkpoint taken on an epoch's last step resumes into that epoch with nothing left to
         # train: it still runs the epoch's evaluation and epoch-end schedule step
-        progress = Progress(**ckpt.load_checkpoint(run.accelerator, resume_from, dump_config(cfg)))
+        state = ckpt.load_checkpoint(run.accelerator, resume_from, dump_config(cfg))
+        state.pop(CLASS_NAMES_KEY, None)
+        progress = Progress(**state)
+    _write_run_config(run)
     for line in start_lines(run):
         dist_utils.print0(line)
     if resume_from is not None:

@@ -21,6 +21,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
+import yaml
 from datagen import make_image_folder
 from helpers import (
     SMALL_MODEL,
@@ -515,6 +516,71 @@ def test_resuming_with_another_model_names_the_difference_in_one_line(finished, 
     text = _one_line(exc)
     assert "holds a different model" in text and f"model.name: '{SMALL_MODEL}' there, 'resnet18' here" in text
     assert len(text) < 800 and "Missing key(s)" not in text
+
+
+def _files(run) -> dict:
+    return {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+@pytest.mark.parametrize("resume", [None, "auto"])
+def test_a_fresh_run_into_a_finished_run_without_checkpoints_is_refused(finished, tmp_path, resume):
+    """A finished run that kept no checkpoint is the user's result: another seed into it (resume null, or
+    auto with nothing to resume) is one line and changes no file; checkpoint.overwrite_finished=true opts in."""
+    config, run = _copy(finished, tmp_path)
+    shutil.rmtree(run / "checkpoints")
+    before = _files(run)
+    args = [f"output_dir={run}", "seed=1", *([f"checkpoint.resume={resume}"] if resume else [])]
+    with pytest.raises(UserError) as exc:
+        fit_in_process(config, *args)
+    text = _one_line(exc)
+    assert "holds a finished run" in text and "checkpoint.overwrite_finished=true" in text
+    assert _files(run) == before
+    fit_in_process(config, *args, "checkpoint.overwrite_finished=true", "train.max_steps=1")
+    assert (run / "final" / "model.safetensors").read_bytes() != before[Path("final/model.safetensors")]
+
+
+def _renamed_class(finished, tmp_path, old: str, new: str | None) -> Path:
+    """The finished run's images with class folder `old` renamed `new` (None: a class `new_class` added)."""
+    images = tmp_path / "images"
+    shutil.copytree(finished / "images", images)
+    if new is None:
+        shutil.copytree(images / old, images / "new_class")
+    else:
+        (images / old).rename(images / new)
+    return images
+
+
+@pytest.mark.parametrize("new", ["gnu", None], ids=["replaced-same-count", "added"])
+def test_resuming_after_the_classes_changed_names_them_and_keeps_the_run_config(finished, tmp_path, new):
+    config, run = _copy(finished, tmp_path)
+    images = _renamed_class(finished, tmp_path, "fox", new)
+    before = (run / "config.yaml").read_text()
+    with pytest.raises(UserError) as exc:
+        fit_in_process(config, f"output_dir={run}", "checkpoint.resume=auto", f"data.path={images}")
+    text = _one_line(exc)
+    assert "(cat, dog, fox)" in text, text
+    assert ("gone: fox; new: gnu" if new else "new: new_class") in text and "fc." not in text
+    assert (run / "config.yaml").read_text() == before, "a refused run leaves the run's config.yaml as it was"
+
+
+def test_a_moved_run_folder_resumes_where_it_now_is(finished, tmp_path, capsys):
+    """`train MOVED/config.yaml checkpoint.resume=auto`, as evaluate advises: the run continues in MOVED,
+    the path its config names is not re-created."""
+    from helpers import fresh_accelerate
+
+    from ddp_finetune.cli import main
+
+    _, run = _copy(finished, tmp_path)
+    old = tmp_path / "old_place" / "run"
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**saved, "output_dir": str(old)}, sort_keys=False))
+    shutil.rmtree(run / "final")  # killed before the end: only checkpoints
+    (run / "summary.json").unlink()
+    with fresh_accelerate():
+        assert main(["train", str(run / "config.yaml"), "checkpoint.resume=auto"]) == 0
+    assert not old.parent.exists()
+    assert (run / "final" / "model.safetensors").is_file()
+    assert f"the run continues in {run}" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------- metrics.jsonl
