@@ -68,6 +68,11 @@ def _load_raw(data_cfg):
                 raise UserError(
                     f"data.path={path!r} is not a folder; imagefolder wants class sub-folders (path/<class>/<image>)"
                 )
+            from .folder_index import load_image_folder
+
+            indexed = load_image_folder(path)  # a directory walk, cached; None: a layout only load_dataset reads
+            if indexed is not None:
+                return indexed
             try:
                 return datasets.load_dataset("imagefolder", data_dir=str(path))
             except datasets.data_files.EmptyDatasetError:
