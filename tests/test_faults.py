@@ -113,6 +113,31 @@ def test_the_image_check_is_cached_per_dataset(tmp_path, image_folder, hf_cache,
     assert len(calls) > 24
 
 
+def test_the_image_check_decodes_on_every_cpu_of_the_rank(tmp_path, hf_cache, monkeypatch):
+    """A share of more than 2 chunks goes to a pool of `usable_cpus` processes: the same bad rows,
+    in the same order, as one process finds."""
+    from ddp_finetune import distributed as dist_utils
+    from ddp_finetune import image_check
+
+    root = make_image_folder(tmp_path / "many", classes=("a", "b"), per_class=560, size=4)
+    broken = [root / "a" / "7.png", root / "b" / "500.png"]
+    for f in broken:
+        f.write_bytes(b"")
+    cfg = config_from_dict({"data": {"path": str(root), "val_split": "train"}, "output_dir": str(tmp_path)})
+    splits = load_splits(cfg.data, 0)
+    pools = []
+    real_pool = image_check._pool
+    monkeypatch.setattr(image_check, "_pool", lambda w, rows: pools.append(w) or real_pool(w, rows))
+    monkeypatch.setattr(dist_utils, "usable_cpus", lambda: (2, "test"))
+    assert image_check.check_workers() == 2
+    found, fresh = image_check._check_split("train", splits.train, image_check._columns(cfg, splits.train))
+    assert fresh and pools == [2]
+    assert [b.name for b in found] == [str(f) for f in broken] and all("empty file" in b.reason for b in found)
+    monkeypatch.setattr(dist_utils, "usable_cpus", lambda: (1, "test"))
+    one = image_check._scan("train", splits.train, image_check._columns(cfg, splits.train), 0, len(splits.train))
+    assert one == found and image_check._pool(1, len(splits.train)) is None
+
+
 def test_segmentation_masks_are_checked_too(tmp_path, hf_cache):
     from datagen import make_mask_folder
 
