@@ -52,9 +52,13 @@ def _image_extensions() -> set[str]:
 
 
 def _is_image(name: str, extensions: set[str]) -> bool:
-    # `datasets` keeps a file whose last or second-to-last extension is an image one (x.jpg.gz too)
+    # `datasets` keeps a file whose last or second-to-last extension is an image one (x.jpg.gz too);
+    # the common case first, without os.path.splitext (a walk calls this once per file)
+    dot = name.rfind(".")
+    if dot > 0 and name[dot:].lower() in extensions:
+        return True
     root, ext = os.path.splitext(name)
-    return ext.lower() in extensions or os.path.splitext(root)[1].lower() in extensions
+    return bool(ext) and os.path.splitext(root)[1].lower() in extensions
 
 
 def walk(root: Path) -> Walk:
@@ -62,7 +66,7 @@ def walk(root: Path) -> Walk:
     from datasets.data_files import FILES_TO_IGNORE
 
     extensions, ignore = _image_extensions(), set(FILES_TO_IGNORE)
-    files, images, h = [], [], hashlib.sha256(f"{INDEX_VERSION}|{root}".encode())
+    files, images, stamps = [], [], []
     links = False
 
     def visit(folder: str, prefix: str) -> None:
@@ -89,12 +93,13 @@ def walk(root: Path) -> Walk:
                 if _is_image(e.name, extensions):
                     st = e.stat()
                     images.append(rel)
-                    h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+                    stamps.append(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}")
                 else:
-                    h.update(f"{rel}\0-\n".encode())
+                    stamps.append(f"{rel}\0-")
 
     visit(str(root), "")
-    return Walk(files=files, images=images, digest=h.hexdigest(), links_to_folders=links)
+    digest = hashlib.sha256(f"{INDEX_VERSION}|{root}\n".encode() + "\n".join(stamps).encode()).hexdigest()
+    return Walk(files=files, images=images, digest=digest, links_to_folders=links)
 
 
 # --------------------------------------------------------------------------- split patterns, in memory
@@ -111,8 +116,9 @@ def _literals(pattern: str) -> list[str]:
     return [part for part in re.split(r"\[[^\]]*\]|\*+|/", pattern) if part]
 
 
-def _resolve(pattern: str, files: list[str], dirs: dict[str, list[int]]) -> list[str]:
-    """The files `pattern` matches, in `files` order, as fsspec's glob over the folder would return them."""
+def _resolve(pattern: str, files: list[str], dirs: dict[str, list[int]], candidates: list[int]) -> list[str]:
+    """The files `pattern` matches, in `files` order, as fsspec's glob over the folder would return them.
+    `candidates`: the files holding some pattern's longest literal (the others cannot match a file pattern)."""
     if pattern == "**":
         return list(files)
     match = _matcher(pattern)
@@ -124,26 +130,39 @@ def _resolve(pattern: str, files: list[str], dirs: dict[str, list[int]]) -> list
             if folder and all(lit in folder for lit in literals) and match(folder + "/_"):
                 hits.extend(members)
         return [files[i] for i in sorted(hits)]
-    return [f for f in files if all(lit in f for lit in literals) and match(f)]
+    return [files[i] for i in candidates if match(files[i])]
+
+
+def _patterns() -> list[tuple[str, dict[str, list[str]] | None]]:
+    """`datasets`' default pattern tables in the order it tries them: (sharded pattern, None) first."""
+    from datasets import data_files as df
+
+    tables = [(p.replace("{split}", "*"), None) for p in df.ALL_SPLIT_PATTERNS]
+    return tables + [("", table) for table in df.ALL_DEFAULT_PATTERNS]
 
 
 def resolve_splits(files: list[str]) -> dict[str, list[str]] | None:
     """Split name -> files, by `datasets`' default patterns tried in its order (the first table that
     matches a file wins); None for the sharded `data/<split>-...` layout (not reproduced here)."""
-    from datasets import data_files as df
-
     dirs: dict[str, list[int]] = {}
     for i, f in enumerate(files):
         dirs.setdefault(f.rpartition("/")[0], []).append(i)
-    for pattern in df.ALL_SPLIT_PATTERNS:
-        if _resolve(pattern.replace("{split}", "*"), files, dirs):
-            return None
-    for table in df.ALL_DEFAULT_PATTERNS:
+    tables = _patterns()
+    every = [p for sharded, table in tables for p in ([sharded] if table is None else sum(table.values(), []))]
+    # one search per file for any pattern's longest literal: a flat class folder has no candidate
+    longest = {max(_literals(p), key=len) for p in every if p != "**" and not p.endswith("/**") and _literals(p)}
+    anywhere = re.compile("|".join(re.escape(lit) for lit in sorted(longest, key=len, reverse=True)))
+    candidates = [i for i, f in enumerate(files) if anywhere.search(f)]
+    for sharded, table in tables:
+        if table is None:
+            if _resolve(sharded, files, dirs, candidates):
+                return None
+            continue
         found = {}
         for split, patterns in table.items():
             matched = []
             for pattern in patterns:
-                matched.extend(_resolve(pattern, files, dirs))
+                matched.extend(_resolve(pattern, files, dirs, candidates))
             if matched:
                 found[str(split)] = matched
         if found:
@@ -276,15 +295,21 @@ def load_image_folder(path):
     index, _ = folder_index(root)
     if index is None:
         return None
+    import pyarrow as pa
+    from datasets.table import InMemoryTable
+
     out = {}
     for split, files in index.splits.items():
-        columns = {"image": [f"{root}/{f}" for f in files]}
+        # the Arrow columns an Image feature stores ({bytes: null, path}), built whole: from_dict would
+        # encode the paths one by one
+        paths = pa.array([f"{root}/{f}" for f in files], pa.string())
+        columns = {"image": pa.StructArray.from_arrays([pa.nulls(len(files), pa.binary()), paths], ["bytes", "path"])}
         features = {"image": datasets.Image()}
         if index.labels is not None:
-            columns["label"] = index.labels[split]
+            columns["label"] = pa.array(index.labels[split], pa.int64())
             features["label"] = datasets.ClassLabel(names=index.class_names)
-        ds = datasets.Dataset.from_dict(columns, features=datasets.Features(features))
+        info = datasets.DatasetInfo(features=datasets.Features(features))
         # the fingerprint follows the files' sizes and times: the image check's cache sees a change
-        ds._fingerprint = hashlib.sha256(f"{index.digest}|{split}".encode()).hexdigest()[:16]
-        out[split] = ds
+        fingerprint = hashlib.sha256(f"{index.digest}|{split}".encode()).hexdigest()[:16]
+        out[split] = datasets.Dataset(InMemoryTable(pa.table(columns)), info=info, fingerprint=fingerprint)
     return datasets.DatasetDict(out)

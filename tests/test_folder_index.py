@@ -141,3 +141,18 @@ def test_a_corrupt_index_cache_is_rebuilt(tmp_path):
     cache = folder_index._cache_path(root.resolve())
     cache.write_bytes(b"not arrow")
     assert _paths(load_image_folder(root)["train"]) == first
+
+
+@pytest.mark.parametrize("fraction, seed", [(0.1, 0), (0.25, 3), (0.5, 7)])
+def test_the_seeded_split_is_datasets_stratified_split(tmp_path, fraction, seed):
+    """data._stratified_split reads the labels as one array (datasets reads them row by row: ~0.3 ms
+    per image on every start) and must give datasets' own rows, or resumed runs would change split."""
+    from ddp_finetune.data import _stratified_split
+
+    ds = load_image_folder(make_image_folder(tmp_path / "images", per_class=9, size=4))["train"]
+    ours = _stratified_split(ds, "label", fraction, seed)
+    theirs = ds.train_test_split(test_size=fraction, seed=seed, stratify_by_column="label")
+    for part in ("train", "test"):
+        assert _paths(ours[part]) == _paths(theirs[part]), part
+    tiny = ds.select([0, 9, 18])  # one image per class: datasets refuses to stratify, and so does this
+    assert _stratified_split(tiny, "label", 0.34, seed) is None
