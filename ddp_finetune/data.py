@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .data_checks import IMAGE_SUFFIXES as _IMAGE_SUFFIXES
-from .data_checks import check_labels, empty_class_folders, explain_missing_labels
+from .data_checks import check_labels, column_values, empty_class_folders, explain_missing_labels
 from .errors import UserError, first_line
 from .images import mask_array
 
@@ -284,7 +284,7 @@ def class_names(ds, label_column: str) -> tuple[list[str], str]:
     inner = getattr(feature, "feature", None)  # Sequence(ClassLabel) / List(ClassLabel): multilabel
     if isinstance(inner, datasets.ClassLabel):
         return list(inner.names), "index"
-    values = ds[label_column]
+    values = column_values(ds, label_column)
     if values and isinstance(values[0], (list, tuple)):
         if all(v in (0, 1) for row in values for v in row) and len({len(r) for r in values}) == 1:
             return [str(i) for i in range(len(values[0]))], "multi_hot"
