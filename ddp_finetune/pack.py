@@ -79,7 +79,7 @@ def pack_folder(folder, out, task: str = "classification", max_shard_size: str =
             undecoded = ds.cast_column(columns[0], datasets.Image(decode=False))
             for column in columns[1:]:
                 undecoded = undecoded.cast_column(column, datasets.Image(decode=False))
-            packed[split] = undecoded.map(
+            embedded = undecoded.map(
                 _embed,
                 batched=True,
                 batch_size=256,
@@ -89,7 +89,10 @@ def pack_folder(folder, out, task: str = "classification", max_shard_size: str =
                 cache_file_name=str(work / f"embed-{split}.arrow"),
                 features=undecoded.features,
                 desc=f"pack: reading the {split} images",
-            ).cast(ds.features)  # decode=True again, as a saved dataset normally has it
+            )
+            for column in columns:  # decode=True again, as a saved dataset normally has it (same storage: no copy)
+                embedded = embedded.cast_column(column, datasets.Image())
+            packed[split] = embedded
         datasets.DatasetDict(packed).save_to_disk(str(work / "dataset"), max_shard_size=max_shard_size, num_proc=procs)
         size = sum(f.stat().st_size for f in (work / "dataset").rglob("*.arrow"))
         os.replace(work / "dataset", out)
