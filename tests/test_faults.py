@@ -291,6 +291,24 @@ def test_two_ranks_share_the_image_check_and_skip_the_same_rows(tmp_path, image_
     assert "done: 3 steps" in proc.stdout
 
 
+@pytest.mark.slow
+def test_two_ranks_check_their_shares_with_process_pools(tmp_path):
+    """Each gloo rank forks its own pool (4 CPUs faked: 2 per rank): the same bad rows as one process."""
+    import json
+
+    from helpers import run_script_2proc
+
+    root = make_image_folder(tmp_path / "many", classes=("a", "b"), per_class=1100, size=4)
+    broken = [root / "a" / "3.png", root / "b" / "1000.png"]
+    for f in broken:
+        f.write_bytes(b"")
+    out = tmp_path / "result.json"
+    run_script_2proc(Path(__file__).parent / "scripts" / "image_check_2proc.py", root, out)
+    result = json.loads(out.read_text())
+    assert result["fresh"] and result["pools"] == [[2], [2]], result  # one pool of 2 per rank
+    assert result["bad"] == [str(f) for f in broken]
+
+
 # --------------------------------------------------------------------------- output folder
 
 
