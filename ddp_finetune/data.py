@@ -3,7 +3,8 @@
     splits = load_splits(cfg.data, cfg.seed, cfg.task)     # Hugging Face datasets: train / val
     classes = decide_classes(cfg, splits)                    # names, model outputs, where from
 
-Sources: `imagefolder` (class folders; segmentation: images/ + masks/ folders), `disk` (a dataset
+Sources: `imagefolder` (class folders, indexed by `folder_index.py` as `datasets` would read them;
+segmentation: images/ + masks/ folders), `disk` (a dataset
 saved with `save_to_disk`), `hub` (a Hub name). Without a validation split, a seeded
 `val_fraction` split, identical on every rank and every restart. `datasets.py` turns a split
 into (tensor, target) samples; `loaders.py` batches them.
