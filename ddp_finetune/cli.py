@@ -5,6 +5,7 @@
     ddp-finetune train my_run.yaml train.epochs=3
     ddp-finetune train @digits_source                     # a config shipped inside the package
     ddp-finetune evaluate runs/x --split test             # after training: evaluate, predict, plot
+    ddp-finetune pack images/ images.packed               # a folder as a sharded Arrow dataset (data.source=disk)
     accelerate launch --config_file launch/cpu_2proc.yaml -m ddp_finetune train CONFIG [key=value ...]
 
 Every subcommand takes `key=value` config overrides, mixed with its options in any order, after
@@ -266,6 +267,35 @@ def _check_invariance(args) -> int:
     return check_invariance_command(args.config, args.overrides, args.procs, args.steps, args.out, args.tolerance)
 
 
+def _pack_options(parser) -> None:
+    from .pack import TASKS
+
+    parser.add_argument(
+        "--task",
+        default="classification",
+        choices=TASKS,
+        help="classification: class folders (also for binary); segmentation: images/ + masks/ (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-shard-size", default="500MB", help="size of each Arrow file of OUT (default: %(default)s)"
+    )
+
+
+def _pack(args) -> int:
+    from .pack import pack_folder
+
+    if args.overrides:
+        raise UserError(f"pack takes no key=value overrides (got {' '.join(args.overrides)}); give FOLDER and OUT")
+    report = pack_folder(args.folder, args.out, task=args.task, max_shard_size=args.max_shard_size)
+    rows = ", ".join(f"{n} {split}" for split, n in report.rows.items())
+    print(
+        f"packed {rows} images ({report.bytes / 2**20:.1f} MiB) into {report.out} in {report.seconds:.1f} s; "
+        f"train from it with data.source=disk data.path={report.out}",
+        flush=True,
+    )
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "init": Command("write a commented starter config for a task", _init, _init_options, takes_config=False),
     "config": Command("print the resolved config a run would write, and validate it, without training", _config),
@@ -309,6 +339,16 @@ COMMANDS: dict[str, Command] = {
         _plot_options,
         takes_config=False,
         positionals=(Positional("runs", "RUN", "run folders (output_dir), each with its metrics.jsonl", True),),
+    ),
+    "pack": Command(
+        "write an image folder as an Arrow dataset (image bytes inside, sharded) that data.source=disk trains from",
+        _pack,
+        _pack_options,
+        takes_config=False,
+        positionals=(
+            Positional("folder", "FOLDER", "the image folder, as data.path would give it"),
+            Positional("out", "OUT", "the new dataset folder (never overwritten)"),
+        ),
     ),
 }
 

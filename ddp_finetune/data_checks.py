@@ -67,11 +67,17 @@ def explain_missing_labels(root, split_names) -> None:
 # --------------------------------------------------------------------------- labels
 
 
+def column_values(ds, column: str) -> list:
+    """Every value of a column as Python objects, read as one Arrow array: `ds[column]` is read row by
+    row in `datasets` 5 (~0.45 ms per row measured on the 2-core machine: 9 s at 20k images, every start)."""
+    return ds.select_columns([column]).with_format("arrow")[:][column].to_pylist()
+
+
 def check_labels(task: str, splits, classes, label_column: str) -> None:
     """Every label of both splits maps into the model's classes (raises the first that does not)."""
     limit = max(classes.outputs, 2)  # binary: one logit, labels 0 and 1
     for split, ds in (("training", splits.train), (f"validation ({splits.val_source})", splits.val)):
-        values = ds[label_column]
+        values = column_values(ds, label_column)
         if classes.label_kind == "multi_hot":
             _check_multi_hot(values, classes.outputs, split, label_column)
             continue

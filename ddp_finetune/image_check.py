@@ -4,8 +4,9 @@ not found by a DataLoader worker hours into the run.
     splits = check_images(cfg, splits, output_dir)    # after load_splits, on every rank
 
 The rows of each split are cut into one contiguous share per rank, and each rank decodes its
-share in a small thread pool (Pillow releases the GIL while decoding; JPEGs decode at 1/8 scale,
-which still reads every byte). The ranks gather what they found, so they all drop the same rows.
+share with every CPU it may use (`check_workers`: a pool of forked processes, since Pillow holds
+the GIL for much of a small image; JPEGs decode at 1/8 scale, which still reads every byte), with
+a progress bar and its ETA on the main process when the check lasts more than 2 s. The ranks gather what they found, so they all drop the same rows.
 The result is cached per split under the `datasets` cache, keyed by the split's fingerprint: for
 an image folder that fingerprint changes when a file is added, removed or modified, so a restart
 of the same data pays nothing and changed data is checked again. The main process reads the
@@ -22,7 +23,7 @@ import dataclasses
 import hashlib
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
 from pathlib import Path
 
 from . import distributed as dist_utils
@@ -73,7 +74,7 @@ def check_parts(cfg, parts: dict, output_dir) -> tuple[dict, list[str]]:
     if scanned:
         notes.append(
             f"data: decoded {scanned} images to find unreadable ones in {time.perf_counter() - start:.1f} s "
-            f"on {dist_utils.world_size()} processes (cached: a restart on the same data skips this)"
+            f"on {dist_utils.world_size()} processes x {check_workers()} CPUs (cached: a restart on the same data skips this)"
         )
     listing = _write_list(output_dir, bad)
     if not bad:
@@ -126,22 +127,82 @@ def _check_split(name: str, ds, columns) -> tuple[list[BadImage], bool]:
     return found, True
 
 
+def check_workers() -> int:
+    """Processes decoding one rank's share: every CPU the rank may use (the CPUs of `usable_cpus`
+    shared by the ranks of the node: `data.num_workers: auto`'s count before it keeps any for training,
+    which has not started yet)."""
+    return max(1, dist_utils.usable_cpus()[0] // dist_utils.local_world_size())
+
+
+def _problems(values: list, rgb: bool) -> list[str | None]:
+    return [image_problem(v, rgb) for v in values]
+
+
+def _pool(workers: int, rows: int):
+    """A pool of processes (Pillow holds the GIL for most of a small image's decode: threads gave no
+    gain on 32 px JPEGs), or None: one CPU, a share too small to pay for the start, or no `fork`."""
+    import multiprocessing
+
+    if workers < 2 or rows < 2 * _CHUNK or "fork" not in multiprocessing.get_all_start_methods():
+        return None
+    from concurrent.futures import ProcessPoolExecutor
+
+    # fork: the children only run Pillow on the values they are sent (no CUDA, no process group)
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+
+
+def _progress(name: str, rows: int):
+    """A bar with an ETA on the main process once a check has run 2 s (each rank checks its share at
+    the same pace, so the main process's share is the global progress)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=rows,
+        desc=f"data: checking {name} images",
+        unit="img",
+        delay=2,
+        mininterval=1,
+        disable=not dist_utils.is_main_process(),
+    )
+
+
 def _scan(name: str, ds, columns, lo: int, hi: int) -> list[BadImage]:
     table = ds.select_columns([c for c, _ in columns]).with_format("arrow")
-    threads = max(1, min(16, dist_utils.usable_cpus()[0] // dist_utils.local_world_size()))
+    workers = check_workers()
+    pool = _pool(workers, hi - lo)
     bad = []
-    with ThreadPoolExecutor(threads) as pool:
-        for start in range(lo, hi, _CHUNK):
-            chunk = table[start : min(start + _CHUNK, hi)]
-            for column, rgb in columns:
-                values = chunk[column].to_pylist()
-                problems = pool.map(lambda v, rgb=rgb: image_problem(v, rgb), values)
-                for offset, (value, problem) in enumerate(zip(values, problems)):
-                    if problem:
-                        row = start + offset
-                        bad.append(
-                            BadImage(name, row, value_name(value, f"{name} row {row}, column {column!r}"), problem)
-                        )
+
+    def report(start, column, values, problems):
+        for offset, (value, problem) in enumerate(zip(values, problems)):
+            if problem:
+                row = start + offset
+                bad.append(BadImage(name, row, value_name(value, f"{name} row {row}, column {column!r}"), problem))
+
+    with _progress(name, (hi - lo) * len(columns)) as bar:
+        if pool is None:
+            for start in range(lo, hi, _CHUNK):
+                chunk = table[start : min(start + _CHUNK, hi)]
+                for column, rgb in columns:
+                    values = chunk[column].to_pylist()
+                    report(start, column, values, _problems(values, rgb))
+                    bar.update(len(values))
+            return bad
+        # a bounded number of chunks in flight: a packed dataset's bytes are never all in memory at once
+        with pool:
+            pending = deque()
+            for start in range(lo, hi, _CHUNK):
+                chunk = table[start : min(start + _CHUNK, hi)]
+                for column, rgb in columns:
+                    values = chunk[column].to_pylist()
+                    pending.append((start, column, values, pool.submit(_problems, values, rgb)))
+                while len(pending) > 4 * workers:
+                    start_, column_, values_, future = pending.popleft()
+                    report(start_, column_, values_, future.result())
+                    bar.update(len(values_))
+            while pending:
+                start_, column_, values_, future = pending.popleft()
+                report(start_, column_, values_, future.result())
+                bar.update(len(values_))
     return bad
 
 

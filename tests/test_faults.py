@@ -115,6 +115,31 @@ def test_the_image_check_is_cached_per_dataset(tmp_path, image_folder, hf_cache,
     assert len(calls) > 24
 
 
+def test_the_image_check_decodes_on_every_cpu_of_the_rank(tmp_path, hf_cache, monkeypatch):
+    """A share of more than 2 chunks goes to a pool of `usable_cpus` processes: the same bad rows,
+    in the same order, as one process finds."""
+    from ddp_finetune import distributed as dist_utils
+    from ddp_finetune import image_check
+
+    root = make_image_folder(tmp_path / "many", classes=("a", "b"), per_class=560, size=4)
+    broken = [root / "a" / "7.png", root / "b" / "500.png"]
+    for f in broken:
+        f.write_bytes(b"")
+    cfg = config_from_dict({"data": {"path": str(root), "val_split": "train"}, "output_dir": str(tmp_path)})
+    splits = load_splits(cfg.data, 0)
+    pools = []
+    real_pool = image_check._pool
+    monkeypatch.setattr(image_check, "_pool", lambda w, rows: pools.append(w) or real_pool(w, rows))
+    monkeypatch.setattr(dist_utils, "usable_cpus", lambda: (2, "test"))
+    assert image_check.check_workers() == 2
+    found, fresh = image_check._check_split("train", splits.train, image_check._columns(cfg, splits.train))
+    assert fresh and pools == [2]
+    assert [b.name for b in found] == [str(f) for f in broken] and all("empty file" in b.reason for b in found)
+    monkeypatch.setattr(dist_utils, "usable_cpus", lambda: (1, "test"))
+    one = image_check._scan("train", splits.train, image_check._columns(cfg, splits.train), 0, len(splits.train))
+    assert one == found and image_check._pool(1, len(splits.train)) is None
+
+
 def test_segmentation_masks_are_checked_too(tmp_path, hf_cache):
     from datagen import make_mask_folder
 
@@ -266,6 +291,24 @@ def test_two_ranks_share_the_image_check_and_skip_the_same_rows(tmp_path, image_
     proc = launch_2proc("train", config)
     assert proc.stdout.count("data: skipped 3 unreadable images of 27") == 1, proc.stdout
     assert "done: 3 steps" in proc.stdout
+
+
+@pytest.mark.slow
+def test_two_ranks_check_their_shares_with_process_pools(tmp_path):
+    """Each gloo rank forks its own pool (4 CPUs faked: 2 per rank): the same bad rows as one process."""
+    import json
+
+    from helpers import run_script_2proc
+
+    root = make_image_folder(tmp_path / "many", classes=("a", "b"), per_class=1100, size=4)
+    broken = [root / "a" / "3.png", root / "b" / "1000.png"]
+    for f in broken:
+        f.write_bytes(b"")
+    out = tmp_path / "result.json"
+    run_script_2proc(Path(__file__).parent / "scripts" / "image_check_2proc.py", root, out)
+    result = json.loads(out.read_text())
+    assert result["fresh"] and result["pools"] == [[2], [2]], result  # one pool of 2 per rank
+    assert result["bad"] == [str(f) for f in broken]
 
 
 # --------------------------------------------------------------------------- output folder

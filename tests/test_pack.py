@@ -1,0 +1,110 @@
+"""`ddp-finetune pack FOLDER OUT` (pack.py): the packed dataset trains exactly as the folder it came
+from (same rows, order, split, crops, resume), and at every world size as on one process."""
+
+from __future__ import annotations
+
+import datasets
+import pytest
+from datagen import make_image_folder, make_mask_folder
+from helpers import fit_in_process, launch_2proc, load_weights, max_abs_diff, read_metrics, run_cli, tiny_config
+
+from ddp_finetune.errors import UserError
+from ddp_finetune.pack import pack_folder
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pack")
+    folder = make_image_folder(root / "images", per_class=8, size=32)
+    report = pack_folder(folder, root / "packed", max_shard_size="4KB")  # several shards, as a big set has
+    return folder, report
+
+
+def _losses(run_dir):
+    return [(r["step"], r["loss"]) for r in read_metrics(run_dir) if r["split"] == "train"]
+
+
+def _classification(tmp_path, path, source, **train):
+    return tiny_config(
+        tmp_path,
+        path,
+        data={"source": source, "augment": True, "image_size": 24},
+        model={"name": "mobilenet_v3_small", "freeze_bn": True},  # dropout: a random stream to resume too
+        train={"epochs": 2, "batch_size": 6, **train},
+    )
+
+
+def test_pack_writes_every_image_byte_for_byte_in_shards(packed):
+    folder, report = packed
+    ds = datasets.load_from_disk(str(report.out))
+    assert report.rows == {"train": 24} and list(ds) == ["train"]
+    assert len(list((report.out / "train").glob("data-*.arrow"))) > 1, "sharded"
+    source = datasets.load_dataset("imagefolder", data_dir=str(folder))["train"]
+    assert ds["train"].features == source.features
+    assert ds["train"]["label"] == source["label"]
+    cells = ds["train"].cast_column("image", datasets.Image(decode=False))["image"]
+    files = [c["path"] for c in source.cast_column("image", datasets.Image(decode=False))["image"]]
+    assert [c["bytes"] for c in cells] == [open(f, "rb").read() for f in files]
+
+
+def test_packed_data_trains_bit_identical_to_its_folder_and_resumes_exactly(tmp_path, packed):
+    folder, report = packed
+    fit_in_process(_classification(tmp_path / "folder", folder, "imagefolder"))
+    fit_in_process(_classification(tmp_path / "disk", report.out, "disk"))
+    a, b = tmp_path / "folder" / "run", tmp_path / "disk" / "run"
+    assert max_abs_diff(load_weights(a), load_weights(b)) == 0.0
+    assert _losses(a) == _losses(b)
+    parts = _classification(tmp_path / "parts", report.out, "disk")
+    fit_in_process(parts, "train.max_steps=4", "checkpoint.every_n_steps=4")  # stops mid-epoch 2
+    fit_in_process(parts, "checkpoint.resume=auto")
+    assert max_abs_diff(load_weights(a), load_weights(tmp_path / "parts" / "run")) == 0.0
+    assert _losses(tmp_path / "parts" / "run") == _losses(a)
+
+
+def test_packed_segmentation_trains_bit_identical_to_its_folder(tmp_path):
+    folder = make_mask_folder(tmp_path / "shapes", n=12, size=32)
+    report = pack_folder(folder, tmp_path / "shapes.packed", task="segmentation")
+    ds = datasets.load_from_disk(str(report.out))["train"]
+    assert ds.features["mask"] == datasets.Image() and len(ds) == 12
+    runs = {}
+    for source, path in (("imagefolder", folder), ("disk", report.out)):
+        config = tiny_config(
+            tmp_path / source,
+            path,
+            task="segmentation",
+            data={"source": source, "image_size": 32, "augment": True, "val_fraction": 2 / 12},
+            model={"name": "lraspp_mobilenet_v3_large", "freeze_bn": True},
+            train={"epochs": 1, "batch_size": 5},
+            loss={"name": "dice"},
+        )
+        fit_in_process(config)
+        runs[source] = tmp_path / source / "run"
+    assert max_abs_diff(load_weights(runs["imagefolder"]), load_weights(runs["disk"])) == 0.0
+    assert _losses(runs["imagefolder"]) == _losses(runs["disk"])
+
+
+@pytest.mark.slow
+def test_two_processes_on_packed_data_train_what_one_process_at_grad_accum_2_trains(tmp_path, packed):
+    _, report = packed
+    one = _classification(tmp_path / "one", report.out, "disk", grad_accum=2)
+    two = _classification(tmp_path / "two", report.out, "disk")
+    fit_in_process(one, "model.name=resnet18")
+    launch_2proc("train", two, "model.name=resnet18")
+    a, b = tmp_path / "one" / "run", tmp_path / "two" / "run"
+    assert max_abs_diff(load_weights(a), load_weights(b)) <= 1e-6
+    assert [s for s, _ in _losses(a)] == [s for s, _ in _losses(b)]
+    assert [v for _, v in _losses(b)] == pytest.approx([v for _, v in _losses(a)], abs=1e-6)
+
+
+def test_pack_command_refuses_an_existing_out_and_overrides(tmp_path, packed):
+    folder, report = packed
+    with pytest.raises(UserError, match="exists; pack never overwrites"):
+        pack_folder(folder, report.out)
+    proc = run_cli("pack", folder, report.out, check=False)
+    assert proc.returncode == 2 and "pack never overwrites" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("pack", folder, tmp_path / "new", "train.epochs=2", check=False)
+    assert proc.returncode == 2 and "pack takes no key=value overrides" in proc.stderr
+    proc = run_cli("pack", folder, tmp_path / "new")
+    assert "packed 24 train images" in proc.stdout and "data.source=disk" in proc.stdout
+    assert datasets.load_from_disk(str(tmp_path / "new"))["train"].num_rows == 24
+    assert not list(tmp_path.glob(".new.partial-*")), "no temporary folder left"
