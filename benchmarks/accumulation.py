@@ -39,7 +39,7 @@ def seconds_per_step(config, steps: int) -> float:
     after the first (which pays one-time costs)."""
     from helpers import fit_in_process
 
-    from ddp_finetune import train
+    from ddp_finetune.training import loop as train
 
     times, original = [], train.optimizer_step
 

@@ -46,8 +46,8 @@ def main() -> None:
     from samples import make_jpegs
 
     from ddp_finetune.config import config_from_dict
-    from ddp_finetune.data import decide_classes, load_splits
-    from ddp_finetune.datasets import build_datasets
+    from ddp_finetune.data.datasets import build_datasets
+    from ddp_finetune.data.sources import decide_classes, load_splits
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_jpegs(Path(tmp) / "jpegs", args.images)

@@ -29,8 +29,8 @@ SEGMENTERS = ("lraspp_", "deeplabv3_", "fcn_")
 
 
 def _card(name: str, outputs: int, task: str, size: int):
-    from ddp_finetune.model_folder import ModelCard
     from ddp_finetune.models import IMAGENET_MEAN, IMAGENET_STD
+    from ddp_finetune.models.folder import ModelCard
 
     return ModelCard(
         model_name=name,
@@ -66,7 +66,7 @@ def bench(name: str, args, folder: Path) -> list[dict]:
     import torch
 
     from ddp_finetune.config import ModelConfig
-    from ddp_finetune.export import Exportable, to_onnx, trace
+    from ddp_finetune.inference.export import Exportable, to_onnx, trace
     from ddp_finetune.models import build_model
 
     task = "segmentation" if name.startswith(SEGMENTERS) else "classification"

@@ -8,7 +8,7 @@ Rows (each measured as the median images/s of 5-step windows after warm-up, ever
 on a host sync; the package's windows are its own `images_per_second` log records):
 - raw: synthetic normalized tensors already on the device, channels_last model, SGD, autocast
   (fp16 with GradScaler, bf16), eager and `torch.compile`d: the ceiling of the card.
-- package, synthetic: `ddp_finetune.train.fit` with its datasets swapped for an in-memory uint8
+- package, synthetic: `ddp_finetune.training.loop.fit` with its datasets swapped for an in-memory uint8
   one: the loop's own overhead (target: package / raw eager >= 0.97).
 - package, JPEG: a generated folder of 500x375 JPEGs, `data.decode: cpu` (the workers decode)
   and `gpu` (nvJPEG): end to end (target >= 0.90 x raw eager; compiled bf16 ResNet-50 >= 6,900
@@ -133,7 +133,7 @@ def package_run(args, tmp: Path, name: str, data: Path, overrides: list[str], sy
     from helpers import fresh_accelerate
 
     from ddp_finetune.config import config_from_dict
-    from ddp_finetune.train import fit
+    from ddp_finetune.training.loop import fit
 
     steps = args.warmup + args.steps
     values = {

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ddp_finetune.images import image_problem
+from ddp_finetune.data.images import image_problem
 
 
 def make_jpegs(folder: Path, n: int) -> list[Path]:

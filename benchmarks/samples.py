@@ -50,8 +50,8 @@ def ways(folder: Path, size: int) -> dict:
     from torchvision.transforms import v2
 
     from ddp_finetune.config import config_from_dict
-    from ddp_finetune.data import decide_classes, load_splits
-    from ddp_finetune.datasets import build_datasets
+    from ddp_finetune.data.datasets import build_datasets
+    from ddp_finetune.data.sources import decide_classes, load_splits
 
     files = sorted((folder / "train").glob("*/*.jpg"))
     crop_flip = v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()])

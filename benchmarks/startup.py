@@ -59,9 +59,9 @@ def child_package(config: str) -> None:
     t0 = time.perf_counter()
     import datasets  # noqa: F401  (imported lazily by the package: counted with the imports, not the data)
 
-    from ddp_finetune import run as run_module
-    from ddp_finetune import train as train_module
     from ddp_finetune.config import load_config
+    from ddp_finetune.training import loop as train_module
+    from ddp_finetune.training import run as run_module
 
     phases = {"imports": time.perf_counter() - t0}
 

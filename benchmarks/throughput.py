@@ -48,8 +48,8 @@ def child(config: str, out: str) -> None:
     (this process and its data workers) spent inside `train_one_epoch`, the span its images/s covers."""
     from peer_loop import cpu_seconds
 
-    from ddp_finetune import train
     from ddp_finetune.config import load_config
+    from ddp_finetune.training import loop as train
 
     spent, epoch = [0.0], train.train_one_epoch
 
@@ -93,7 +93,7 @@ def main() -> None:
 
     import torch
 
-    from ddp_finetune.loaders import plan_loaders
+    from ddp_finetune.data.loaders import plan_loaders
 
     cores = os.cpu_count() or 1
     torch.set_num_threads(args.pair_threads)  # as in the pair runs' processes (OMP_NUM_THREADS)

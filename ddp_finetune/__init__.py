@@ -34,11 +34,11 @@ _PUBLIC = {
     "config_from_dict": "ddp_finetune.config",
     "dump_config": "ddp_finetune.config",
     # training
-    "fit": "ddp_finetune.train",
-    "Preempted": "ddp_finetune.train",
+    "fit": "ddp_finetune.training.loop",
+    "Preempted": "ddp_finetune.training.loop",
     # after training
-    "load_model_folder": "ddp_finetune.model_folder",
-    "LoadedModel": "ddp_finetune.model_folder",
+    "load_model_folder": "ddp_finetune.models.folder",
+    "LoadedModel": "ddp_finetune.models.folder",
     # the parts a custom loop reuses
     "build_model": "ddp_finetune.models",
     "build_loss": "ddp_finetune.losses",

@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from ddp_finetune.commands.cli import main
 
 sys.exit(main())

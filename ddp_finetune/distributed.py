@@ -22,7 +22,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from .errors import UserError
+from ddp_finetune.errors import UserError
 
 
 def is_distributed() -> bool:
@@ -137,7 +137,7 @@ def first_on_each_node(accelerator):
 
 
 def _share_outcome(exc: BaseException | None) -> None:
-    from .errors import first_line
+    from ddp_finetune.errors import first_line
 
     line = (
         None

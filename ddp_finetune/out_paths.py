@@ -23,8 +23,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import UserError, first_line
-from .files import temporary_path
+from ddp_finetune.errors import UserError, first_line
+from ddp_finetune.files import temporary_path
 
 PICTURES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")  # what the plotting commands can write (matplotlib)
 

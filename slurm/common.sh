@@ -7,7 +7,7 @@
 #   2. starts ONE `srun` task per node; each task runs `node_main`, which builds the
 #      `accelerate launch` line with --machine_rank "$SLURM_NODEID" read on that node;
 #   3. turns a warning signal (batch shell or job step) into the stop file <output_dir>/.stop,
-#      which every rank polls (ddp_finetune/preemption.py explains why not a signal);
+#      which every rank polls (ddp_finetune/training/preemption.py explains why not a signal);
 #   4. after the launch ends, says what happened and exits with a status that tells it:
 #        0   done: the training finished (summary.json written)
 #        75  preempted: checkpoint + preempted.json written, job requeued (EXIT_PREEMPTED)
@@ -23,7 +23,7 @@
 #   DRY_RUN=1          check everything and print each node's launch line; train nothing
 #   REQUEUE=0          on preemption, checkpoint and exit 75 but do not requeue
 
-EXIT_PREEMPTED=75 # = ddp_finetune.preemption.EXIT_PREEMPTED
+EXIT_PREEMPTED=75 # = ddp_finetune.training.preemption.EXIT_PREEMPTED
 EXIT_BAD_INPUT=2
 
 say() { echo "ddp-finetune slurm: $*"; }

@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 # the segmentation shapes live in the package: `ddp-finetune demo --task segmentation` writes them too
-from ddp_finetune.shapes import make_mask_folder, shapes_sample
+from ddp_finetune.commands.shapes import make_mask_folder, shapes_sample
 
 __all__ = ["make_image_folder", "make_mask_disk", "make_mask_folder", "shapes_sample"]
 

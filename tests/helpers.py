@@ -162,7 +162,7 @@ def fresh_accelerate():
 def fit_in_process(config_path, *overrides) -> dict:
     """Run `fit` in this process (faster than a subprocess), with Accelerate's singletons reset."""
     from ddp_finetune.config import load_config
-    from ddp_finetune.train import fit
+    from ddp_finetune.training.loop import fit
 
     with fresh_accelerate():
         return fit(load_config(config_path, list(overrides)))
@@ -173,8 +173,8 @@ def model_input(samples):
     statistics, on the CPU): what `run.prepare_input` does inside the step."""
     import torch
 
+    from ddp_finetune.data.transforms import DeviceInput
     from ddp_finetune.models.parts import IMAGENET_MEAN, IMAGENET_STD
-    from ddp_finetune.transforms import DeviceInput
 
     return DeviceInput(IMAGENET_MEAN, IMAGENET_STD)(torch.stack(list(samples)))
 
@@ -191,8 +191,8 @@ def normalized_by_hand(x, mean, std):
 
 def datasets_of(cfg):
     """(train, val, classes, splits) of a config, as a run builds them (ImageNet normalization)."""
-    from ddp_finetune.data import decide_classes, load_splits
-    from ddp_finetune.datasets import build_datasets
+    from ddp_finetune.data.datasets import build_datasets
+    from ddp_finetune.data.sources import decide_classes, load_splits
 
     splits = load_splits(cfg.data, cfg.seed, cfg.task)
     classes = decide_classes(cfg, splits)

@@ -11,12 +11,12 @@ from helpers import fresh_accelerate
 
 def make_model_folder(root, name="resnet18", task="classification", class_names=("cat", "dog"), image_size=32, seed=0):
     """`root/run/final/` of model `name` with random weights, written by checkpoint.save_final_weights."""
-    from ddp_finetune.checkpoint import save_final_weights
     from ddp_finetune.config import config_from_dict
-    from ddp_finetune.data import Classes
+    from ddp_finetune.data.sources import Classes
     from ddp_finetune.distributed import make_accelerator
-    from ddp_finetune.model_folder import model_files
     from ddp_finetune.models import build_model
+    from ddp_finetune.models.folder import model_files
+    from ddp_finetune.training.checkpoint import save_final_weights
 
     root = Path(root)
     data = {"path": str(root / "data"), "image_size": image_size}

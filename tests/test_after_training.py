@@ -14,8 +14,8 @@ from datagen import make_image_folder
 from helpers import fit_in_process, fresh_accelerate, launch_2proc, normalized_by_hand, read_summary, tiny_config
 from PIL import Image
 
-from ddp_finetune.cli import main
-from ddp_finetune.model_folder import load_model_folder, read_weights
+from ddp_finetune.commands.cli import main
+from ddp_finetune.models.folder import load_model_folder, read_weights
 
 CLASSES = ("cat", "dog", "fox")
 
@@ -158,7 +158,7 @@ def test_predict_writes_top_k_in_input_order_and_skips_unreadable_images(run, he
     assert f"predict: skipped {tmp_path / 'broken.png'}: " in captured.err
     assert "12 images on 1 processes, skipped 1 unreadable" in captured.out
     # the probabilities are the model's softmax on evaluation's view of each image
-    from ddp_finetune.predict import input_transform
+    from ddp_finetune.inference.predict import input_transform
 
     loaded = load_model_folder(run)
     transform = input_transform(loaded.card)
@@ -203,7 +203,7 @@ def test_predict_input_that_does_not_exist(run, tmp_path, capsys):
 
 
 def test_plot_overlays_runs_named_by_folder(run, tmp_path, capsys):
-    from ddp_finetune.plot import read_curves, run_names
+    from ddp_finetune.commands.plot import read_curves, run_names
 
     for parent in ("a", "b"):
         (tmp_path / parent / "run").mkdir(parents=True)

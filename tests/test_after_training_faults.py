@@ -18,9 +18,9 @@ from datagen import make_image_folder
 from helpers import fresh_accelerate
 from model_folders import make_model_folder
 
-from ddp_finetune.cli import main
-from ddp_finetune.model_folder import load_model_folder
-from ddp_finetune.predict_outputs import Options, Writer
+from ddp_finetune.commands.cli import main
+from ddp_finetune.inference.predict_outputs import Options, Writer
+from ddp_finetune.models.folder import load_model_folder
 
 CLASSES = ("cat", "dog")
 
@@ -146,14 +146,14 @@ def test_read_only_location_is_one_line(command, folder, images, run, tmp_path, 
 def test_a_write_that_fails_after_the_checks_is_one_line(command, folder, images, run, tmp_path, capsys, monkeypatch):
     """The disk fills (or permissions change) between the check and the write: one line, nothing replaced."""
     import ddp_finetune.files
-    import ddp_finetune.predict_outputs
+    import ddp_finetune.inference.predict_outputs
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    for module in (ddp_finetune.files.os, ddp_finetune.predict_outputs.os):
+    for module in (ddp_finetune.files.os, ddp_finetune.inference.predict_outputs.os):
         monkeypatch.setattr(module, "replace", full)
-    monkeypatch.setattr("ddp_finetune.starter.os.link", full)
+    monkeypatch.setattr("ddp_finetune.commands.init.os.link", full)
     out = tmp_path / "out" / ("x.yaml" if command == "init" else "x.png" if command == "plot" else "x.csv")
     line = one_error_line(capsys, *_commands(folder, images, run, out)[command])
     assert "No space left on device" in line

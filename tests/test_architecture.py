@@ -103,3 +103,45 @@ def test_the_config_imports_no_torch_and_no_loss_implementation():
     code = "import sys, ddp_finetune.config; assert 'torch' not in sys.modules, 'torch'; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+LAYERS = [
+    ("ddp_finetune", "ddp_finetune.errors", "ddp_finetune.files", "ddp_finetune.distributed", "ddp_finetune.out_paths"),
+    ("ddp_finetune.losses",),
+    ("ddp_finetune.config",),
+    ("ddp_finetune.models", "ddp_finetune.data"),
+    ("ddp_finetune.training",),
+    ("ddp_finetune.inference",),
+    ("ddp_finetune.commands",),
+]
+"""Bottom to top: a module imports its own layer or the ones below, never one above (the map in
+docs/architecture.md). `ddp_finetune` itself names its public API by strings, imported on first use;
+`__main__` only calls the command line."""
+
+
+def _layer(module: str) -> int:
+    if module == "ddp_finetune.__main__":
+        return len(LAYERS) - 1
+    best = None
+    for i, names in enumerate(LAYERS):
+        for name in names:
+            if module == name or module.startswith(name + "."):
+                if best is None or len(name) > len(best[1]):
+                    best = (i, name)
+    assert best is not None, f"{module} belongs to no layer: put it in a sub-package (or add it to LAYERS)"
+    return best[0]
+
+
+def test_imports_point_down_the_layers():
+    upward = [
+        f"{mod} -> {dep}"
+        for mod, deps in import_graph().items()
+        for dep in deps
+        if _layer(dep) > _layer(mod) and dep != "ddp_finetune"
+    ]
+    assert not upward, upward
+
+
+def test_every_module_is_in_a_layer_folder():
+    top = sorted(p.stem for p in PACKAGE.glob("*.py"))
+    assert top == ["__init__", "__main__", "distributed", "errors", "files", "out_paths"], top

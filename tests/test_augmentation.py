@@ -11,11 +11,11 @@ from datagen import make_image_folder, make_mask_folder
 from helpers import datasets_of
 
 from ddp_finetune.config import config_from_dict
+from ddp_finetune.data.loaders import EpochSampler, balanced_weights
+from ddp_finetune.data.mixing import Mixing
+from ddp_finetune.data.transforms import Augmentation, sample_seed, train_view
 from ddp_finetune.errors import UserError
-from ddp_finetune.loaders import EpochSampler, balanced_weights
 from ddp_finetune.losses import cross_entropy_loss, focal_loss
-from ddp_finetune.mixing import Mixing
-from ddp_finetune.transforms import Augmentation, sample_seed, train_view
 
 
 @pytest.fixture(scope="module")
@@ -212,8 +212,8 @@ def test_balanced_sampler_draws_classes_evenly_seeded_with_repeats_augmented_ane
 def test_auto_decoding_stays_on_the_cpu_where_the_device_would_skip_a_transform(tmp_path):
     from datagen import make_jpeg_folder
 
-    from ddp_finetune.data import load_splits
-    from ddp_finetune.datasets import decide_decode
+    from ddp_finetune.data.datasets import decide_decode
+    from ddp_finetune.data.sources import load_splits
 
     jpegs = make_jpeg_folder(tmp_path / "jpegs")
     for extra, on_device in [({}, True), ({"policy": "augmix"}, False), ({"cutmix_alpha": 1.0}, False)]:

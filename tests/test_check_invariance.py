@@ -10,8 +10,8 @@ import pytest
 import torch
 from helpers import run_cli, tiny_config
 
+from ddp_finetune.commands.check_invariance import Comparison, Run, compare, likely_causes
 from ddp_finetune.config import load_config
-from ddp_finetune.invariance import Comparison, Run, compare, likely_causes
 
 
 def _run(losses, micro, state):

@@ -5,8 +5,8 @@ import json
 import pytest
 from helpers import SMALL_MODEL, fit_in_process, tiny_config
 
-from ddp_finetune import checkpoint as ckpt
 from ddp_finetune.errors import UserError
+from ddp_finetune.training import checkpoint as ckpt
 
 
 def _fake_checkpoint(root, step, complete=True):
@@ -92,7 +92,7 @@ def _optimizer_run(name: str, fused: bool):
     import torch
 
     from ddp_finetune.distributed import make_accelerator
-    from ddp_finetune.param_groups import make_optimizer
+    from ddp_finetune.training.param_groups import make_optimizer
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
@@ -108,7 +108,7 @@ def _guarded_step(model, optimizer, fused: bool, scale: float = 1.0) -> None:
     """One training step the way train.optimizer_step takes it (the guard hands found_inf to fused kernels)."""
     import torch
 
-    from ddp_finetune.guards import NonFiniteGuard
+    from ddp_finetune.training.guards import NonFiniteGuard
 
     x = torch.linspace(-1, 1, 8).reshape(2, 4)
     loss = model(x).square().mean() * scale

@@ -8,7 +8,7 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 from helpers import run_cli, tiny_config
 
-from ddp_finetune.cli import COMMANDS, build_parser, main, parse
+from ddp_finetune.commands.cli import COMMANDS, build_parser, main, parse
 from ddp_finetune.config import dump_config, load_config
 
 

@@ -6,7 +6,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ddp_finetune.config import Config, config_from_dict, dump_config, load_config, reference_rows, shipped_configs
+from ddp_finetune.config import (
+    Config,
+    config_from_dict,
+    dump_config,
+    load_config,
+    reference_rows,
+    shipped_configs,
+)
 from ddp_finetune.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent

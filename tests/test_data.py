@@ -9,10 +9,10 @@ from helpers import datasets_of
 from PIL import Image
 
 from ddp_finetune.config import config_from_dict
-from ddp_finetune.data import load_splits
+from ddp_finetune.data.loaders import EpochSampler, build_loaders, plan_loaders
+from ddp_finetune.data.sources import load_splits
+from ddp_finetune.data.transforms import sample_seed
 from ddp_finetune.errors import UserError
-from ddp_finetune.loaders import EpochSampler, build_loaders, plan_loaders
-from ddp_finetune.transforms import sample_seed
 
 
 def _cfg(path, *overrides, source="imagefolder"):

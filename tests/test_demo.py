@@ -7,7 +7,7 @@ import pytest
 from accelerate.state import AcceleratorState, GradientState
 from helpers import run_cli
 
-from ddp_finetune.demo import SHAPES_PER_SPLIT, make_digits_folders, run_demo
+from ddp_finetune.commands.demo import SHAPES_PER_SPLIT, make_digits_folders, run_demo
 
 
 def test_segmentation_demo_writes_its_shapes_and_trains_lraspp(tmp_path):

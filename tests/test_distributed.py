@@ -9,7 +9,7 @@ from helpers import ROOT, free_port, fresh_accelerate, run_script_2proc, tiny_co
 
 from ddp_finetune.distributed import check_world_size
 from ddp_finetune.errors import UserError
-from ddp_finetune.preemption import EXIT_PREEMPTED, STOP_FILE
+from ddp_finetune.training.preemption import EXIT_PREEMPTED, STOP_FILE
 
 
 def test_launcher_world_size_must_match_the_accelerator(monkeypatch):
@@ -46,8 +46,8 @@ def test_every_way_out_of_the_cli_destroys_the_process_group(
 ):
     """Left to interpreter shutdown, a live group's gloo threads can abort the rank at exit
     (tests/scripts/losses_2proc.py); accelerate's end_training() only runs after a whole run."""
-    from ddp_finetune import train
-    from ddp_finetune.cli import main
+    from ddp_finetune.commands.cli import main
+    from ddp_finetune.training import loop as train
 
     config = tiny_config(tmp_path, image_folder, train={"epochs": 1, "max_steps": 1})
     expected = {"done": 0, "preempted": EXIT_PREEMPTED, "bad_input": 2}
@@ -105,8 +105,8 @@ def test_dist_timeout_reaches_the_process_group_and_an_error_on_one_rank_stops_t
 
 def test_dist_timeout_is_the_configs_and_positive(monkeypatch, tmp_path):
     """start_accelerator hands train.dist_timeout_minutes to make_accelerator; 0 is a one-line error."""
-    from ddp_finetune import run
     from ddp_finetune.config import config_from_dict
+    from ddp_finetune.training import run
 
     with pytest.raises(UserError, match="train.dist_timeout_minutes"):
         config_from_dict({"data": {"path": str(tmp_path)}, "train": {"dist_timeout_minutes": 0}})

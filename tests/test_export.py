@@ -25,12 +25,12 @@ from model_folders import make_model_folder
 from PIL import Image
 from torch import nn
 
-from ddp_finetune import export as export_mod
-from ddp_finetune.cli import main
+from ddp_finetune.commands.cli import main
+from ddp_finetune.data.transforms import DeviceInput
 from ddp_finetune.errors import UserError
-from ddp_finetune.export import ExportOptions, export_model
-from ddp_finetune.model_folder import load_model_folder
-from ddp_finetune.transforms import DeviceInput
+from ddp_finetune.inference.export import ExportOptions, export_model
+from ddp_finetune.inference.setup import export as export_mod
+from ddp_finetune.models.folder import load_model_folder
 
 HAS_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime"))
 needs_onnx = pytest.mark.skipif(not HAS_ONNX, reason="needs the export extra: pip install -e '.[export]'")
@@ -74,7 +74,7 @@ def _val_batch(run, n=8) -> torch.Tensor:
     here, not by export.verification_images)."""
     loaded = load_model_folder(run)
     found, _ = export_mod._validation_inputs(loaded)
-    from ddp_finetune.predict import PredictImages, input_transform
+    from ddp_finetune.inference.predict import PredictImages, input_transform
 
     ds = PredictImages(found, input_transform(loaded.card))
     return torch.stack([ds[i][1] for i in range(min(n, len(ds)))])
@@ -161,7 +161,7 @@ def test_segmenters_and_timm_models_export_verified_on_images(tmp_path, name, ta
     card = json.loads((tmp_path / "m.json").read_text())
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     loaded = load_model_folder(folder)
-    from ddp_finetune.predict import input_transform
+    from ddp_finetune.inference.predict import input_transform
 
     x = torch.stack([input_transform(loaded.card)(Image.open(p).convert("RGB")) for p in sorted(photos.iterdir())])
     got = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])

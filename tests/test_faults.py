@@ -37,9 +37,9 @@ from helpers import (
 from PIL import Image
 
 from ddp_finetune.config import config_from_dict
-from ddp_finetune.data import decide_classes, load_splits
+from ddp_finetune.data.images import open_rgb
+from ddp_finetune.data.sources import decide_classes, load_splits
 from ddp_finetune.errors import UserError
-from ddp_finetune.images import open_rgb
 
 # modules this battery introduced are imported inside the tests that call them directly, so
 # that every other test also runs (and fails) on the code from before them
@@ -100,7 +100,7 @@ def test_skip_trains_without_unreadable_images_and_says_so(tmp_path, image_folde
 
 
 def test_the_image_check_is_cached_per_dataset(tmp_path, image_folder, hf_cache, monkeypatch):
-    from ddp_finetune import image_check
+    from ddp_finetune.data.sources import image_check
 
     calls = []
     real = image_check.image_problem
@@ -119,7 +119,7 @@ def test_the_image_check_decodes_on_every_cpu_of_the_rank(tmp_path, hf_cache, mo
     """A share of more than 2 chunks goes to a pool of `usable_cpus` processes: the same bad rows,
     in the same order, as one process finds."""
     from ddp_finetune import distributed as dist_utils
-    from ddp_finetune import image_check
+    from ddp_finetune.data.sources import image_check
 
     root = make_image_folder(tmp_path / "many", classes=("a", "b"), per_class=560, size=4)
     broken = [root / "a" / "7.png", root / "b" / "500.png"]
@@ -143,7 +143,7 @@ def test_the_image_check_decodes_on_every_cpu_of_the_rank(tmp_path, hf_cache, mo
 def test_segmentation_masks_are_checked_too(tmp_path, hf_cache):
     from datagen import make_mask_folder
 
-    from ddp_finetune import image_check
+    from ddp_finetune.data.sources import image_check
 
     root = make_mask_folder(tmp_path / "shapes", n=8, size=16)
     (root / "masks" / "003.png").write_bytes(b"")
@@ -154,8 +154,8 @@ def test_segmentation_masks_are_checked_too(tmp_path, hf_cache):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_an_image_that_goes_bad_during_training_is_one_line(tmp_path, image_folder, hf_cache, monkeypatch, workers):
-    from ddp_finetune import image_check
-    from ddp_finetune import run as run_module
+    from ddp_finetune.data.sources import image_check
+    from ddp_finetune.training import run as run_module
 
     def check_then_break(cfg, splits, out):
         splits = image_check.check_images(cfg, splits, out)
@@ -214,7 +214,7 @@ def test_other_modes_are_converted_or_refused_in_one_line():
 
 
 def test_the_start_up_check_lists_images_that_cannot_become_rgb(tmp_path):
-    from ddp_finetune.images import image_problem
+    from ddp_finetune.data.images import image_problem
 
     Image.fromarray(np.full((4, 4), 0.5, np.float32)).save(tmp_path / "float.tif")
     assert image_problem(str(tmp_path / "float.tif")).startswith("mode F (floating point) has no white level")
@@ -389,7 +389,7 @@ def test_a_second_run_into_a_locked_output_dir_is_refused_then_a_dead_holder_is_
 ):
     out = tmp_path / "run"
     out.mkdir()
-    code = "import sys,time; from pathlib import Path; from ddp_finetune.output_dir import OutputLock; "
+    code = "import sys,time; from pathlib import Path; from ddp_finetune.training.output_dir import OutputLock; "
     code += "OutputLock(Path(sys.argv[1])).acquire(); print('locked', flush=True); time.sleep(600)"
     holder = subprocess.Popen(
         [sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True, env=child_env()
@@ -445,7 +445,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one_and_resumes_exactl
     with contextlib.ExitStack() as stack:
         if how == "tmpfs":  # room for config, metrics and one checkpoint of ~90 MB, not for two
             stack.enter_context(_tmpfs(out, "150m"))
-            monkeypatch.setattr("ddp_finetune.run.check_free_space", lambda *args: None)
+            monkeypatch.setattr("ddp_finetune.training.run.check_free_space", lambda *args: None)
         else:
             _DiskFull(monkeypatch, on_call=2)
         with pytest.raises(UserError) as exc:
@@ -611,7 +611,7 @@ def test_a_moved_run_folder_resumes_where_it_now_is(finished, tmp_path, capsys):
     the path its config names is not re-created."""
     from helpers import fresh_accelerate
 
-    from ddp_finetune.cli import main
+    from ddp_finetune.commands.cli import main
 
     _, run = _copy(finished, tmp_path)
     old = tmp_path / "old_place" / "run"
@@ -640,7 +640,7 @@ class _KilledAfter(Exception):
 def test_metrics_hold_each_record_once_after_a_kill_between_validation_and_checkpoint(
     tmp_path, image_folder, monkeypatch
 ):
-    from ddp_finetune.tracking import MetricsLog
+    from ddp_finetune.training.tracking import MetricsLog
 
     sections = dict(checkpoint={"every_n_steps": 3, "every_epoch": False})  # step_3: the epoch's last step, before val
     fit_in_process(tiny_config(tmp_path / "whole", image_folder, **sections))

@@ -11,8 +11,8 @@ import pytest
 from datagen import make_image_folder
 from PIL import Image
 
-from ddp_finetune import folder_index
-from ddp_finetune.folder_index import load_image_folder
+from ddp_finetune.data.folder_index import load_image_folder
+from ddp_finetune.data.sources import folder_index
 
 
 @pytest.fixture(autouse=True)
@@ -147,7 +147,7 @@ def test_a_corrupt_index_cache_is_rebuilt(tmp_path):
 def test_the_seeded_split_is_datasets_stratified_split(tmp_path, fraction, seed):
     """data._stratified_split reads the labels as one array (datasets reads them row by row: ~0.3 ms
     per image on every start) and must give datasets' own rows, or resumed runs would change split."""
-    from ddp_finetune.data import _stratified_split
+    from ddp_finetune.data.sources import _stratified_split
 
     ds = load_image_folder(make_image_folder(tmp_path / "images", per_class=9, size=4))["train"]
     ours = _stratified_split(ds, "label", fraction, seed)

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from ddp_finetune.config import ModelConfig, OptimConfig
-from ddp_finetune.freeze import BackboneFreeze
 from ddp_finetune.models import generic_parts
-from ddp_finetune.param_groups import build_param_groups, describe_groups, make_optimizer
+from ddp_finetune.training.freeze import BackboneFreeze
+from ddp_finetune.training.param_groups import build_param_groups, describe_groups, make_optimizer
 
 
 def _tiny_cnn() -> nn.Module:
@@ -125,14 +125,14 @@ def _meta(name: str, task: str = "classification", **model_cfg):
 
 def _starts(name: str, task: str = "classification", epochs: int = 10, **model_cfg) -> dict:
     """Unit -> the epoch its frozen parameters train from (0: nothing frozen; None: never)."""
-    from ddp_finetune.freeze import plan_freeze
+    from ddp_finetune.training.freeze import plan_freeze
 
     cfg, parts, model = _meta(name, task, **model_cfg)
     return {u.name: u.trains_from for u in plan_freeze(cfg, parts, model, epochs).units}
 
 
 def test_patterns_are_globs_or_module_names():
-    from ddp_finetune.freeze import plan_freeze
+    from ddp_finetune.training.freeze import plan_freeze
 
     cfg, parts, model = _meta("resnet18", freeze=["conv1.*", "bn1", "layer1.*", "layer2.0.bn?.weight"])
     starts = plan_freeze(cfg, parts, model, 2).trains_from()
@@ -145,7 +145,7 @@ def test_patterns_are_globs_or_module_names():
 
 def test_a_pattern_that_matches_nothing_names_the_closest_names():
     from ddp_finetune.errors import UserError
-    from ddp_finetune.freeze import plan_freeze
+    from ddp_finetune.training.freeze import plan_freeze
 
     cfg, parts, model = _meta("resnet18", freeze=["layer5.*"])
     with pytest.raises(
@@ -210,7 +210,7 @@ def test_unfreeze_every_unfreezes_one_block_at_a_time_from_the_head_down(model_c
 
 
 def test_the_table_says_what_trains_per_block():
-    from ddp_finetune.freeze import plan_freeze
+    from ddp_finetune.training.freeze import plan_freeze
 
     cfg, parts, model = _meta("resnet18", freeze=["layer3.0.*"], freeze_blocks=1, unfreeze_every=1)
     table = plan_freeze(cfg, parts, model, 3).table()
@@ -301,8 +301,8 @@ def test_config_checks_of_the_freeze_keys():
 
 
 def test_lr_plot_draws_frozen_blocks_at_zero_and_marks_each_unfreeze(tmp_path):
+    from ddp_finetune.commands.lr_plot import drawn_lrs, plot_schedule, simulate_lrs
     from ddp_finetune.config import config_from_dict
-    from ddp_finetune.lr_plot import drawn_lrs, plot_schedule, simulate_lrs
 
     values = {
         "data": {"path": "x"},

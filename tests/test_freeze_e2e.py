@@ -122,8 +122,8 @@ def test_a_resume_across_the_unfreezes_is_bit_exact(gradual, runs, tmp_path):
 
 def test_lr_plot_of_the_reference_config(gradual, runs, tmp_path):
     """The drawn lrs are the logged ones, with each block at 0 until its unfreeze."""
+    from ddp_finetune.commands.lr_plot import drawn_lrs, lr_plot_command
     from ddp_finetune.config import load_config
-    from ddp_finetune.lr_plot import drawn_lrs, lr_plot_command
 
     drawn, marks = drawn_lrs(load_config(gradual), STEPS_PER_EPOCH)
     assert marks == [(3, "layer2"), (6, "layer1")]

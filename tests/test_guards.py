@@ -10,7 +10,7 @@ import torch
 from helpers import fit_in_process, load_weights, max_abs_diff, read_metrics, run_cli, tiny_config
 from safetensors.torch import load_file
 
-from ddp_finetune.guards import NonFiniteGuard, all_finite
+from ddp_finetune.training.guards import NonFiniteGuard, all_finite
 
 
 @pytest.fixture(autouse=True)

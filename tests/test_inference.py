@@ -10,14 +10,14 @@ from datagen import make_jpeg_folder
 from helpers import fresh_accelerate
 from model_folders import make_model_folder
 
-from ddp_finetune import eval_report, predict
 from ddp_finetune.config import config_from_dict
-from ddp_finetune.data import Classes
-from ddp_finetune.datasets import eval_dataset
+from ddp_finetune.data.datasets import eval_dataset
+from ddp_finetune.data.loaders import eval_batch_size
+from ddp_finetune.data.sources import Classes
 from ddp_finetune.errors import UserError
-from ddp_finetune.inference import is_saved_dataset, start_inference
-from ddp_finetune.loaders import eval_batch_size
-from ddp_finetune.model_folder import load_model_folder
+from ddp_finetune.inference.setup import evaluate as eval_report
+from ddp_finetune.inference.setup import is_saved_dataset, predict, start_inference
+from ddp_finetune.models.folder import load_model_folder
 
 
 def test_start_inference_gives_the_model_on_its_device_and_training_input_step(tmp_path):

@@ -6,8 +6,7 @@ import re
 import pytest
 from helpers import ROOT, read_summary, run_cli
 
-from ddp_finetune.config import load_config, reference_rows
-from ddp_finetune.starter import (
+from ddp_finetune.commands.init import (
     COMMON_KEYS,
     LAYOUTS,
     STARTER_VALUES,
@@ -16,6 +15,7 @@ from ddp_finetune.starter import (
     render_starter,
     starter_config,
 )
+from ddp_finetune.config import load_config, reference_rows
 
 REFERENCE = {key: (default, doc) for key, default, doc in reference_rows()}
 

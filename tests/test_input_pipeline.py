@@ -18,11 +18,11 @@ from datagen import make_jpeg_folder
 from helpers import ROOT, fit_in_process, load_weights, max_abs_diff, read_metrics, tiny_config
 
 from ddp_finetune.config import config_from_dict
-from ddp_finetune.data import decide_classes, load_splits
-from ddp_finetune.datasets import build_datasets
-from ddp_finetune.loaders import build_loaders, plan_loaders
+from ddp_finetune.data.datasets import build_datasets
+from ddp_finetune.data.loaders import build_loaders, plan_loaders
+from ddp_finetune.data.sources import decide_classes, load_splits
+from ddp_finetune.data.transforms import DeviceInput, EncodedBatch, draw_crop
 from ddp_finetune.models.parts import IMAGENET_MEAN, IMAGENET_STD
-from ddp_finetune.transforms import DeviceInput, EncodedBatch, draw_crop
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -124,8 +124,8 @@ def test_a_jpeg_the_device_rejects_is_decoded_on_the_cpu_with_its_crop(jpeg_fold
 def test_a_file_no_decoder_reads_is_one_line_naming_it(jpeg_folder, monkeypatch):
     import torchvision.io
 
+    from ddp_finetune.data.transforms import Crop, EncodedImage
     from ddp_finetune.errors import UserError
-    from ddp_finetune.transforms import Crop, EncodedImage
 
     junk = torch.tensor(list(b"\xff\xd8\xff\xe0" + b"not a jpeg" * 8), dtype=torch.uint8)
     broken = EncodedImage(junk, Crop(0, 0, 8, 8, False), 8, name="/data/cats/broken.jpg")
@@ -135,7 +135,7 @@ def test_a_file_no_decoder_reads_is_one_line_naming_it(jpeg_folder, monkeypatch)
 
 
 def _decoded_size(dataset, index):
-    from ddp_finetune.images import decode_rgb
+    from ddp_finetune.data.images import decode_rgb
 
     return decode_rgb(dataset.ds[index][dataset.image_column]).shape[-2:]
 
@@ -240,7 +240,7 @@ def test_training_on_device_decoded_jpegs_with_synchronized_dice(tmp_path, jpeg_
     """decode: gpu with a worker, mixed precision (fp16 with GradScaler on CUDA) and the rank-synchronized
     Dice loss, against the same run decoding on the CPU. On CPU the device path is forced (a CPU run
     would fall back) and its pixels are the CPU path's, so the training is bit-identical."""
-    from ddp_finetune import run as run_module
+    from ddp_finetune.training import run as run_module
 
     if device == "cpu":
         monkeypatch.setattr(run_module, "decide_decode", lambda cfg, splits, cuda: (cfg.data.decode == "gpu", "forced"))

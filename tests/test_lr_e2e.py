@@ -71,8 +71,8 @@ def logged_lrs(run_dir) -> dict[str, list[float]]:
 
 
 def simulated_lrs(config_path, *overrides) -> dict[str, list[float]]:
+    from ddp_finetune.commands.lr_plot import simulate_lrs
     from ddp_finetune.config import load_config
-    from ddp_finetune.lr_plot import simulate_lrs
 
     return simulate_lrs(load_config(config_path, list(overrides)), STEPS_PER_EPOCH)
 
@@ -313,7 +313,7 @@ def _one_error_line(code: int, err: str, named: str) -> None:
 def test_bad_schedule_input_is_one_line_exit_2(tmp_path, image_folder, capsys, override, named):
     """Through the CLI's `main` in this process (the scheduler errors come from `setup`, after
     the data and the model are built)."""
-    from ddp_finetune.cli import main
+    from ddp_finetune.commands.cli import main
 
     config = _bad_config(tmp_path, image_folder)
     capsys.readouterr()

@@ -8,8 +8,8 @@ import pytest
 from datagen import make_image_folder, make_mask_folder
 from helpers import fit_in_process, launch_2proc, load_weights, max_abs_diff, read_metrics, run_cli, tiny_config
 
+from ddp_finetune.data.pack import pack_folder
 from ddp_finetune.errors import UserError
-from ddp_finetune.pack import pack_folder
 
 
 @pytest.fixture(scope="module")

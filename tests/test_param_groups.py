@@ -12,7 +12,7 @@ import torchvision
 from ddp_finetune.config import ModelConfig, OptimConfig
 from ddp_finetune.errors import UserError
 from ddp_finetune.models import build_model, generic_parts
-from ddp_finetune.param_groups import build_param_groups, describe_groups, lr_log, make_optimizer
+from ddp_finetune.training.param_groups import build_param_groups, describe_groups, lr_log, make_optimizer
 
 NUM_CLASSES = 7
 
@@ -268,7 +268,7 @@ def test_optimizer_arguments_that_cannot_work_are_one_line_errors():
 
 
 def test_an_optimizer_without_fused_kernels_skips_non_finite_steps_from_the_host():
-    from ddp_finetune.guards import NonFiniteGuard
+    from ddp_finetune.training.guards import NonFiniteGuard
 
     weight = torch.nn.Parameter(torch.ones(3))
     opt = make_optimizer([{"params": [weight], "lr": 0.1, "base_lr": 0.1, "weight_decay": 0.0}], optim(name="radam"))

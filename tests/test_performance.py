@@ -10,8 +10,8 @@ import torch
 import torchvision
 from helpers import fit_in_process, load_weights, max_abs_diff, run_cli, tiny_config
 
-from ddp_finetune import performance
 from ddp_finetune.errors import UserError
+from ddp_finetune.training import performance
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 DEVICES = ["cpu", pytest.param("cuda", marks=[gpu, pytest.mark.gpu])]

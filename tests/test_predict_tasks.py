@@ -16,10 +16,10 @@ from helpers import fresh_accelerate, normalized_by_hand
 from model_folders import make_model_folder
 from PIL import Image
 
-from ddp_finetune.cli import main
-from ddp_finetune.model_folder import load_model_folder
-from ddp_finetune.predict import input_transform
-from ddp_finetune.predict_outputs import palette
+from ddp_finetune.commands.cli import main
+from ddp_finetune.inference.predict import input_transform
+from ddp_finetune.inference.predict_outputs import palette
+from ddp_finetune.models.folder import load_model_folder
 
 SHAPES = ("background", "square", "disc")
 

@@ -38,7 +38,7 @@ from preempt_runs import (  # noqa: E402
     wait_for_file,
 )
 
-from ddp_finetune.preemption import EXIT_PREEMPTED, PREEMPTED_FILE, SIGNALS, STOP_FILE, StopWatcher  # noqa: E402
+from ddp_finetune.training.preemption import EXIT_PREEMPTED, PREEMPTED_FILE, SIGNALS, STOP_FILE, StopWatcher  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- StopWatcher

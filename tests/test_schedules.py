@@ -11,12 +11,12 @@ import pytest
 import torch
 from torch import nn
 
+from ddp_finetune.commands.lr_plot import lr_plot_command, plot_lrs, plot_schedule, simulate_lrs
 from ddp_finetune.config import OptimConfig, ScheduleConfig, config_from_dict
 from ddp_finetune.errors import UserError
-from ddp_finetune.lr_plot import lr_plot_command, plot_lrs, plot_schedule, simulate_lrs
 from ddp_finetune.models import build_model, generic_parts
-from ddp_finetune.param_groups import build_param_groups, lr_log, make_optimizer
-from ddp_finetune.schedules import build_schedule, torch_scheduler_names, warmup_steps_of
+from ddp_finetune.training.param_groups import build_param_groups, lr_log, make_optimizer
+from ddp_finetune.training.schedules import build_schedule, torch_scheduler_names, warmup_steps_of
 
 BACKBONE_LR, HEAD_LR = 0.02, 0.2
 
@@ -369,7 +369,7 @@ def test_lr_plot_command_writes_the_png(tmp_path, capsys):
 
 def test_lr_plot_command_counts_steps_from_the_dataset(tmp_path, capsys, image_folder):
     from ddp_finetune.config import load_config
-    from ddp_finetune.data import load_splits
+    from ddp_finetune.data.sources import load_splits
 
     config = tmp_path / "c.yaml"
     config.write_text(f"data: {{path: {image_folder}}}\nmodel: {{name: resnet18}}\ntrain: {{batch_size: 4}}\n")

@@ -33,14 +33,14 @@ from helpers import (
 from PIL import Image
 
 from ddp_finetune.config import ModelConfig, OptimConfig, config_from_dict, load_config
-from ddp_finetune.data import decide_classes, load_splits
-from ddp_finetune.datasets import build_datasets
+from ddp_finetune.data.datasets import build_datasets
+from ddp_finetune.data.sources import decide_classes, load_splits
+from ddp_finetune.data.transforms import eval_view
 from ddp_finetune.errors import UserError
-from ddp_finetune.metrics import confusion_matrices, segmentation_metrics, segmentation_sample_stats
 from ddp_finetune.models import build_model, split_outputs
 from ddp_finetune.models.weights import cached_weights_path, resolve_enum
-from ddp_finetune.param_groups import build_param_groups
-from ddp_finetune.transforms import eval_view
+from ddp_finetune.training.metrics import confusion_matrices, segmentation_metrics, segmentation_sample_stats
+from ddp_finetune.training.param_groups import build_param_groups
 
 LRASPP = "lraspp_mobilenet_v3_large"
 COLOURS = torch.tensor([(40, 40, 40), (230, 220, 60), (60, 120, 230)], dtype=torch.float32)  # datagen's classes
@@ -464,8 +464,8 @@ def test_segmenter_with_a_classification_task_fails_before_loading_data(tmp_path
 
 
 def test_lr_plot_simulates_a_segmenter_offline(tmp_path):
+    from ddp_finetune.commands.lr_plot import simulate_lrs
     from ddp_finetune.config import config_from_dict
-    from ddp_finetune.lr_plot import simulate_lrs
 
     cfg = config_from_dict(
         {

@@ -40,7 +40,7 @@ from preempt_runs import (  # noqa: E402
     wait_for_file,
 )
 
-from ddp_finetune.preemption import EXIT_PREEMPTED, PREEMPTED_FILE, STOP_FILE  # noqa: E402
+from ddp_finetune.training.preemption import EXIT_PREEMPTED, PREEMPTED_FILE, STOP_FILE  # noqa: E402
 
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 START_SCRIPT = REPO / "slurm" / "local" / "start-local-slurm.sh"

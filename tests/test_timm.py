@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from ddp_finetune.config import ModelConfig, OptimConfig, load_config
 from ddp_finetune.errors import UserError
 from ddp_finetune.models import build_model
-from ddp_finetune.param_groups import build_param_groups
+from ddp_finetune.training.param_groups import build_param_groups
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="needs timm (the test extra)")
 
@@ -185,7 +185,7 @@ def test_frozen_then_unfrozen_with_layer_decay_and_the_lr_plot(tmp_path, images)
     simulates exactly the lrs the run logged."""
     from accelerate.utils import set_seed
 
-    from ddp_finetune.lr_plot import lr_plot_command, simulate_lrs
+    from ddp_finetune.commands.lr_plot import lr_plot_command, simulate_lrs
 
     config = timm_config(
         tmp_path,
@@ -240,9 +240,9 @@ def test_the_models_evaluation_crop_and_interpolation_reach_validation_and_the_c
     """resnet18.a1_in1k's pretrained_cfg says crop_pct 0.95, bicubic (torchvision's evaluation: 0.875, bilinear)."""
     import timm
 
-    from ddp_finetune.datasets import ImageDataset
-    from ddp_finetune.model_folder import make_card
-    from ddp_finetune.transforms import eval_view
+    from ddp_finetune.data.datasets import ImageDataset
+    from ddp_finetune.data.transforms import eval_view
+    from ddp_finetune.models.folder import make_card
 
     _, parts, _ = build("resnet18.a1_in1k", meta=True)
     cfg = timm.models.get_pretrained_cfg("resnet18.a1_in1k")
@@ -260,7 +260,7 @@ def test_the_models_evaluation_crop_and_interpolation_reach_validation_and_the_c
     # a run's validation set is given the model's crop (run.build_run), and final/model.json says it
     from helpers import fresh_accelerate
 
-    from ddp_finetune.run import build_run
+    from ddp_finetune.training.run import build_run
 
     with fresh_accelerate():
         run = build_run(run_cfg)
@@ -294,9 +294,9 @@ def test_drop_path_rate_and_grad_checkpointing_reach_the_model():
 def test_predict_crops_as_the_model_was_evaluated(tmp_path, images):
     from PIL import Image
 
-    from ddp_finetune.model_folder import make_card
-    from ddp_finetune.predict import input_transform
-    from ddp_finetune.transforms import eval_view
+    from ddp_finetune.data.transforms import eval_view
+    from ddp_finetune.inference.predict import input_transform
+    from ddp_finetune.models.folder import make_card
 
     _, parts, _ = build("resnet18.a1_in1k", meta=True)
     card = make_card(load_config(timm_config(tmp_path, images, "resnet18.a1_in1k")), ["a", "b", "c"], 3, parts)

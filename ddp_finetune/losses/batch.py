@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..errors import UserError
-from .kinds import Mode as LossMode
+from ddp_finetune.errors import UserError
+from ddp_finetune.losses.kinds import Mode as LossMode
 
 Mode = LossMode
 MODES: tuple[str, ...] = typing.get_args(LossMode)

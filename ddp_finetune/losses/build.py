@@ -10,12 +10,12 @@ from functools import partial
 
 from torch import Tensor, nn
 
-from ..errors import UserError
-from .batch import check_weight_count
-from .kinds import Accumulation as LossAccumulation
-from .module import Loss
-from .options import check_options, show_value
-from .table import LOSS_NAMES, LOSSES, TASK_MODES
+from ddp_finetune.errors import UserError
+from ddp_finetune.losses.batch import check_weight_count
+from ddp_finetune.losses.kinds import Accumulation as LossAccumulation
+from ddp_finetune.losses.module import Loss
+from ddp_finetune.losses.options import check_options, show_value
+from ddp_finetune.losses.table import LOSS_NAMES, LOSSES, TASK_MODES
 
 # ignore_index: also read by the data scan and the metrics; sync: a user loss is never synchronized
 # by us, so sync=false (as the evaluation loss is built) describes it

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .batch import Batch, Mode, divide
-from .kinds import Accumulation
-from .module import Loss
+from ddp_finetune.losses.batch import Batch, Mode, divide
+from ddp_finetune.losses.kinds import Accumulation
+from ddp_finetune.losses.module import Loss
 
 
 def cross_entropy_sums(batch: Batch, weights: Tensor | None, label_smoothing: float) -> list[Tensor]:

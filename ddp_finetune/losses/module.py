@@ -28,12 +28,20 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..distributed import sum_across_ranks, world_size
-from ..errors import UserError
-from .batch import Batch, Mode, bad_targets_here, bad_targets_since, check_weight_count, no_autocast, prepare
-from .kinds import Accumulation as LossAccumulation
-from .options import check_options, weight_list
-from .statistics import compute, local_statistics, surrogate
+from ddp_finetune.distributed import sum_across_ranks, world_size
+from ddp_finetune.errors import UserError
+from ddp_finetune.losses.batch import (
+    Batch,
+    Mode,
+    bad_targets_here,
+    bad_targets_since,
+    check_weight_count,
+    no_autocast,
+    prepare,
+)
+from ddp_finetune.losses.kinds import Accumulation as LossAccumulation
+from ddp_finetune.losses.options import check_options, weight_list
+from ddp_finetune.losses.statistics import compute, local_statistics, surrogate
 
 ACCUMULATIONS = typing.get_args(LossAccumulation)
 

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from ..errors import UserError
-from .batch import MODES
+from ddp_finetune.errors import UserError
+from ddp_finetune.losses.batch import MODES
 
 
 def show_value(value, prefix: str) -> str:

@@ -14,10 +14,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .batch import Batch, Mode, divide
-from .cross_entropy import cross_entropy_sums
-from .kinds import Accumulation
-from .module import Loss
+from ddp_finetune.losses.batch import Batch, Mode, divide
+from ddp_finetune.losses.cross_entropy import cross_entropy_sums
+from ddp_finetune.losses.kinds import Accumulation
+from ddp_finetune.losses.module import Loss
 
 
 def region_sums(batch: Batch, per_image: bool) -> tuple[Tensor, Tensor, Tensor]:

@@ -15,8 +15,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from ..distributed import all_reduce_sum_with_grad
-from .batch import Batch
+from ddp_finetune.distributed import all_reduce_sum_with_grad
+from ddp_finetune.losses.batch import Batch
 
 
 class Kernel(Protocol):

@@ -15,10 +15,19 @@ checks (`build.check_loss_config`: which options a loss reads) come from `Loss` 
 
 from __future__ import annotations
 
-from .cross_entropy import CrossEntropyLoss, cross_entropy_loss
-from .focal import FocalLoss, focal_loss
-from .module import Loss
-from .region import DiceBCELoss, DiceLoss, IoULoss, TverskyLoss, dice_bce_loss, dice_loss, iou_loss, tversky_loss
+from ddp_finetune.losses.cross_entropy import CrossEntropyLoss, cross_entropy_loss
+from ddp_finetune.losses.focal import FocalLoss, focal_loss
+from ddp_finetune.losses.module import Loss
+from ddp_finetune.losses.region import (
+    DiceBCELoss,
+    DiceLoss,
+    IoULoss,
+    TverskyLoss,
+    dice_bce_loss,
+    dice_loss,
+    iou_loss,
+    tversky_loss,
+)
 
 LOSSES: dict[str, type[Loss]] = {
     "cross_entropy": CrossEntropyLoss,

@@ -20,9 +20,9 @@ from contextlib import contextmanager, nullcontext
 
 from torch import nn
 
-from . import timm_models, torchvision_families
-from .parts import IMAGENET_MEAN, IMAGENET_STD, LoadReport, Parts, generic_parts
-from .torchvision_families import split_outputs
+from ddp_finetune.models import timm_models, torchvision_families
+from ddp_finetune.models.parts import IMAGENET_MEAN, IMAGENET_STD, LoadReport, Parts, generic_parts
+from ddp_finetune.models.torchvision_families import split_outputs
 
 __all__ = [
     "IMAGENET_MEAN",

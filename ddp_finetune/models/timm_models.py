@@ -22,9 +22,9 @@ import re
 import torch
 from torch import nn
 
-from ..errors import UserError
-from . import weights as W
-from .parts import IMAGENET_MEAN, IMAGENET_STD, Block, LoadReport, Parts, split_blocks, under
+from ddp_finetune.errors import UserError
+from ddp_finetune.models import weights as W
+from ddp_finetune.models.parts import IMAGENET_MEAN, IMAGENET_STD, Block, LoadReport, Parts, split_blocks, under
 
 PREFIX = "timm/"
 THIS_FILE = "ddp_finetune/models/timm_models.py"

@@ -17,9 +17,9 @@ import torch
 import torchvision
 from torch import nn
 
-from ..errors import UserError
-from . import weights as W
-from .parts import LoadReport, Parts, split_blocks
+from ddp_finetune.errors import UserError
+from ddp_finetune.models import weights as W
+from ddp_finetune.models.parts import LoadReport, Parts, split_blocks
 
 THIS_FILE = "ddp_finetune/models/torchvision_families.py"
 

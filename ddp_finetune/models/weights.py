@@ -15,8 +15,8 @@ import torch
 import torchvision
 from torch import nn
 
-from ..errors import UserError, first_line
-from .parts import LoadReport, under
+from ddp_finetune.errors import UserError, first_line
+from ddp_finetune.models.parts import LoadReport, under
 
 LOCAL_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 

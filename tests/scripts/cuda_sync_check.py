@@ -21,8 +21,8 @@ import torch
 
 
 def main(config: str, out: str, overrides: list[str]) -> None:
-    from ddp_finetune import train
     from ddp_finetune.config import load_config
+    from ddp_finetune.training import loop as train
 
     optimizer_step, is_check_step = train.optimizer_step, train.is_check_step
     seen: dict[str, list[int]] = {"ordinary": [], "check": []}

@@ -15,9 +15,8 @@ import os
 import sys
 
 from ddp_finetune import distributed as dist_utils
-from ddp_finetune import image_check
 from ddp_finetune.config import config_from_dict
-from ddp_finetune.data import load_splits
+from ddp_finetune.data.sources import image_check, load_splits
 from ddp_finetune.distributed import make_accelerator
 
 

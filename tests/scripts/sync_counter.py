@@ -63,7 +63,7 @@ class SyncCounter:
 
 def instrument(counter: SyncCounter) -> None:
     """Wrap the loop's named steps so that calls are attributed to optimizer steps."""
-    from ddp_finetune import train
+    from ddp_finetune.training import loop as train
 
     optimizer_step, is_check_step = train.optimizer_step, train.is_check_step
 
@@ -83,7 +83,7 @@ def instrument(counter: SyncCounter) -> None:
 
 def main(config: str, out: str, overrides: list[str]) -> None:
     from ddp_finetune.config import load_config
-    from ddp_finetune.train import fit
+    from ddp_finetune.training.loop import fit
 
     counter = SyncCounter()
     instrument(counter)

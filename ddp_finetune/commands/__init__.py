@@ -1,0 +1,1 @@
+"""The `ddp-finetune` command line and the commands that are only commands."""

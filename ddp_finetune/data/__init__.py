@@ -1,0 +1,1 @@
+"""From a folder or dataset to uint8 batches: sources, checks, decoding, augmentation, datasets, loaders."""

@@ -1,0 +1,249 @@
+"""Every image decoded once before training: unreadable files are listed (or skipped) at start-up,
+not found by a DataLoader worker hours into the run.
+
+    splits = check_images(cfg, splits, output_dir)    # after load_splits, on every rank
+
+The rows of each split are cut into one contiguous share per rank, and each rank decodes its
+share with every CPU it may use (`check_workers`: a pool of forked processes, since Pillow holds
+the GIL for much of a small image; JPEGs decode at 1/8 scale, which still reads every byte), with
+a progress bar and its ETA on the main process when the check lasts more than 2 s. The ranks gather what they found, so they all drop the same rows.
+The result is cached per split under the `datasets` cache, keyed by the split's fingerprint: for
+an image folder that fingerprint changes when a file is added, removed or modified, so a restart
+of the same data pays nothing and changed data is checked again. The main process reads the
+cache and tells the others, so every rank takes the same path even without a shared cache.
+
+`data.bad_images: error` (default) stops with one line: the count, the first few files and the
+file holding the full list (`<output_dir>/bad_images.txt`). `skip` drops those rows and says so
+in the start-up lines. A file that goes bad after the check is named by `images.read_row`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from collections import deque
+from pathlib import Path
+
+from ddp_finetune import distributed as dist_utils
+from ddp_finetune.data.images import image_problem, value_name
+from ddp_finetune.data.sources import Splits
+from ddp_finetune.errors import UserError
+from ddp_finetune.files import atomic_write_text
+
+CHECK_VERSION = 1  # bump when image_problem changes what it refuses: old cache entries no longer match
+BAD_LIST = "bad_images.txt"
+_CHUNK = 512  # rows read from the arrow table at a time
+_SHOWN = 3  # files named in the error line
+
+
+@dataclasses.dataclass(frozen=True)
+class BadImage:
+    split: str  # "train" or the validation split's name
+    row: int  # index in that split
+    name: str  # the file, or "train row 5, column 'image'" for images stored as bytes
+    reason: str
+
+
+def check_images(cfg, splits: Splits, output_dir) -> Splits:
+    """Raise a UserError listing unreadable images (`data.bad_images: error`), or return the splits
+    without them and a note for the start-up lines (`skip`)."""
+    kept, notes = check_parts(cfg, {"train": splits.train, splits.val_source: splits.val}, output_dir)
+    return dataclasses.replace(splits, train=kept["train"], val=kept[splits.val_source], notes=[*splits.notes, *notes])
+
+
+def check_split_images(cfg, ds, name: str, output_dir):
+    """One split (`evaluate`'s): the same check as `check_images`; returns the split, without its unreadable
+    images under `data.bad_images: skip` (listed in output_dir/bad_images.txt)."""
+    return check_parts(cfg, {name: ds}, output_dir)[0][name]
+
+
+def check_parts(cfg, parts: dict, output_dir) -> tuple[dict, list[str]]:
+    """(the named splits without unreadable images, notes for the start-up lines); a UserError under
+    `data.bad_images: error`."""
+    columns = _columns(cfg, next(iter(parts.values())))
+    if not columns:
+        return parts, []
+    start, scanned, bad = time.perf_counter(), 0, []
+    for name, ds in parts.items():
+        found, fresh = _check_split(name, ds, columns)
+        scanned += len(ds) * len(columns) if fresh else 0
+        bad += found
+    notes = []
+    if scanned:
+        notes.append(
+            f"data: decoded {scanned} images to find unreadable ones in {time.perf_counter() - start:.1f} s "
+            f"on {dist_utils.world_size()} processes x {check_workers()} CPUs (cached: a restart on the same data skips this)"
+        )
+    listing = _write_list(output_dir, bad)
+    if not bad:
+        return parts, notes
+    total = sum(len(ds) for ds in parts.values()) * len(columns)  # segmentation: images and masks
+    if cfg.data.bad_images == "error":
+        shown = ", ".join(f"{b.name} ({b.reason})" for b in bad[:_SHOWN])
+        more = f" and {len(bad) - _SHOWN} more" if len(bad) > _SHOWN else ""
+        raise UserError(
+            f"{len(bad)} of {total} images cannot be read: {shown}{more}; full list in {listing}; "
+            "replace or delete them, or set data.bad_images=skip to train without them"
+        )
+    kept = {name: _without(ds, {b.row for b in bad if b.split == name}) for name, ds in parts.items()}
+    notes.append(f"data: skipped {len(bad)} unreadable images of {total} (data.bad_images=skip; list in {listing})")
+    return kept, notes
+
+
+def _columns(cfg, ds) -> list[tuple[str, bool]]:
+    """(column, must become RGB) for the image column and, for segmentation, the mask column: those
+    holding images (a `datasets.Image` feature) or paths to them."""
+    import datasets
+
+    wanted = [(cfg.data.image_column, True)]
+    if cfg.task == "segmentation":
+        wanted.append((cfg.data.mask_column, False))
+    out = []
+    for column, rgb in wanted:
+        feature = ds.features.get(column)
+        if isinstance(feature, datasets.Image) or getattr(feature, "dtype", None) == "string":
+            out.append((column, rgb))
+    return out
+
+
+def _check_split(name: str, ds, columns) -> tuple[list[BadImage], bool]:
+    """(bad images of one split, whether they were decoded now rather than read from the cache)."""
+    if len(ds) == 0:  # nothing to decode
+        return [], False
+    cache = _cache_file(ds, columns)
+    cached = dist_utils.broadcast_object(_read_cache(cache) if dist_utils.is_main_process() else None)
+    if cached is not None:
+        return [BadImage(name, *row) for row in cached], False
+    if dist_utils.is_main_process():
+        print(f"data: checking that the {len(ds)} {name} images decode ...", flush=True)
+    rank, world = dist_utils.rank(), dist_utils.world_size()
+    lo, hi = len(ds) * rank // world, len(ds) * (rank + 1) // world
+    mine = _scan(name, ds, columns, lo, hi)
+    found = sorted((b for share in dist_utils.gather_objects(mine) for b in share), key=lambda b: b.row)
+    if dist_utils.is_main_process():
+        _write_cache(cache, [[b.row, b.name, b.reason] for b in found])
+    return found, True
+
+
+def check_workers() -> int:
+    """Processes decoding one rank's share: every CPU the rank may use (the CPUs of `usable_cpus`
+    shared by the ranks of the node: `data.num_workers: auto`'s count before it keeps any for training,
+    which has not started yet)."""
+    return max(1, dist_utils.usable_cpus()[0] // dist_utils.local_world_size())
+
+
+def _problems(values: list, rgb: bool) -> list[str | None]:
+    return [image_problem(v, rgb) for v in values]
+
+
+def _pool(workers: int, rows: int):
+    """A pool of processes (Pillow holds the GIL for most of a small image's decode: threads gave no
+    gain on 32 px JPEGs), or None: one CPU, a share too small to pay for the start, or no `fork`."""
+    import multiprocessing
+
+    if workers < 2 or rows < 2 * _CHUNK or "fork" not in multiprocessing.get_all_start_methods():
+        return None
+    from concurrent.futures import ProcessPoolExecutor
+
+    # fork: the children only run Pillow on the values they are sent (no CUDA, no process group)
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+
+
+def _progress(name: str, rows: int):
+    """A bar with an ETA on the main process once a check has run 2 s (each rank checks its share at
+    the same pace, so the main process's share is the global progress)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=rows,
+        desc=f"data: checking {name} images",
+        unit="img",
+        delay=2,
+        mininterval=1,
+        disable=not dist_utils.is_main_process(),
+    )
+
+
+def _scan(name: str, ds, columns, lo: int, hi: int) -> list[BadImage]:
+    table = ds.select_columns([c for c, _ in columns]).with_format("arrow")
+    workers = check_workers()
+    pool = _pool(workers, hi - lo)
+    bad = []
+
+    def report(start, column, values, problems):
+        for offset, (value, problem) in enumerate(zip(values, problems)):
+            if problem:
+                row = start + offset
+                bad.append(BadImage(name, row, value_name(value, f"{name} row {row}, column {column!r}"), problem))
+
+    with _progress(name, (hi - lo) * len(columns)) as bar:
+        if pool is None:
+            for start in range(lo, hi, _CHUNK):
+                chunk = table[start : min(start + _CHUNK, hi)]
+                for column, rgb in columns:
+                    values = chunk[column].to_pylist()
+                    report(start, column, values, _problems(values, rgb))
+                    bar.update(len(values))
+            return bad
+        # a bounded number of chunks in flight: a packed dataset's bytes are never all in memory at once
+        with pool:
+            pending = deque()
+            for start in range(lo, hi, _CHUNK):
+                chunk = table[start : min(start + _CHUNK, hi)]
+                for column, rgb in columns:
+                    values = chunk[column].to_pylist()
+                    pending.append((start, column, values, pool.submit(_problems, values, rgb)))
+                while len(pending) > 4 * workers:
+                    start_, column_, values_, future = pending.popleft()
+                    report(start_, column_, values_, future.result())
+                    bar.update(len(values_))
+            while pending:
+                start_, column_, values_, future = pending.popleft()
+                report(start_, column_, values_, future.result())
+                bar.update(len(values_))
+    return bad
+
+
+def _without(ds, rows: set[int]):
+    return ds.select([i for i in range(len(ds)) if i not in rows]) if rows else ds
+
+
+# --------------------------------------------------------------------------- cache and list
+
+
+def _cache_file(ds, columns) -> Path:
+    import datasets
+
+    key = hashlib.sha256(f"{CHECK_VERSION}|{ds._fingerprint}|{columns}".encode()).hexdigest()[:24]
+    return Path(datasets.config.HF_DATASETS_CACHE) / "ddp_finetune_image_check" / f"{key}.json"
+
+
+def _read_cache(path: Path) -> list | None:
+    try:
+        return json.loads(path.read_text())["bad"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_cache(path: Path, bad: list) -> None:
+    """Atomically; a cache that cannot be written (read-only shared cache) only costs the next start."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps({"version": CHECK_VERSION, "bad": bad}))
+    except OSError:
+        pass
+
+
+def _write_list(output_dir, bad: list[BadImage]) -> Path:
+    """`<output_dir>/bad_images.txt`, one tab-separated line per image (split, row, file, reason);
+    removed when nothing is bad, so a stale list never describes the current data."""
+    path = Path(output_dir) / BAD_LIST
+    if dist_utils.is_main_process():
+        if bad:
+            lines = "".join(f"{b.split}\t{b.row}\t{b.name}\t{b.reason}\n" for b in bad)
+            atomic_write_text(path, "split\trow\tfile\treason\n" + lines)
+        else:
+            path.unlink(missing_ok=True)
+    return path

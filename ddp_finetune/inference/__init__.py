@@ -1,0 +1,1 @@
+"""After training: evaluate, predict (and export) a saved model folder."""

@@ -1,0 +1,1 @@
+"""One training run: built objects (run.py), the loop (loop.py), checkpoints, guards, schedules, groups."""
