@@ -28,8 +28,8 @@ from torch import nn
 from ddp_finetune.commands.cli import main
 from ddp_finetune.data.transforms import DeviceInput
 from ddp_finetune.errors import UserError
-from ddp_finetune.inference.export import ExportOptions, export_model
 from ddp_finetune.inference import export as export_mod
+from ddp_finetune.inference.export import ExportOptions, export_model
 from ddp_finetune.models.folder import load_model_folder
 
 HAS_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime"))

@@ -100,7 +100,7 @@ def test_skip_trains_without_unreadable_images_and_says_so(tmp_path, image_folde
 
 
 def test_the_image_check_is_cached_per_dataset(tmp_path, image_folder, hf_cache, monkeypatch):
-    from ddp_finetune.data.sources import image_check
+    from ddp_finetune.data import image_check
 
     calls = []
     real = image_check.image_problem
@@ -119,7 +119,7 @@ def test_the_image_check_decodes_on_every_cpu_of_the_rank(tmp_path, hf_cache, mo
     """A share of more than 2 chunks goes to a pool of `usable_cpus` processes: the same bad rows,
     in the same order, as one process finds."""
     from ddp_finetune import distributed as dist_utils
-    from ddp_finetune.data.sources import image_check
+    from ddp_finetune.data import image_check
 
     root = make_image_folder(tmp_path / "many", classes=("a", "b"), per_class=560, size=4)
     broken = [root / "a" / "7.png", root / "b" / "500.png"]
@@ -143,7 +143,7 @@ def test_the_image_check_decodes_on_every_cpu_of_the_rank(tmp_path, hf_cache, mo
 def test_segmentation_masks_are_checked_too(tmp_path, hf_cache):
     from datagen import make_mask_folder
 
-    from ddp_finetune.data.sources import image_check
+    from ddp_finetune.data import image_check
 
     root = make_mask_folder(tmp_path / "shapes", n=8, size=16)
     (root / "masks" / "003.png").write_bytes(b"")
@@ -154,7 +154,7 @@ def test_segmentation_masks_are_checked_too(tmp_path, hf_cache):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_an_image_that_goes_bad_during_training_is_one_line(tmp_path, image_folder, hf_cache, monkeypatch, workers):
-    from ddp_finetune.data.sources import image_check
+    from ddp_finetune.data import image_check
     from ddp_finetune.training import run as run_module
 
     def check_then_break(cfg, splits, out):

@@ -11,8 +11,8 @@ import pytest
 from datagen import make_image_folder
 from PIL import Image
 
+from ddp_finetune.data import folder_index
 from ddp_finetune.data.folder_index import load_image_folder
-from ddp_finetune.data.sources import folder_index
 
 
 @pytest.fixture(autouse=True)

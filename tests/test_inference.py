@@ -16,7 +16,8 @@ from ddp_finetune.data.loaders import eval_batch_size
 from ddp_finetune.data.sources import Classes
 from ddp_finetune.errors import UserError
 from ddp_finetune.inference import evaluate as eval_report
-from ddp_finetune.inference.setup import is_saved_dataset, predict, start_inference
+from ddp_finetune.inference import predict
+from ddp_finetune.inference.setup import is_saved_dataset, start_inference
 from ddp_finetune.models.folder import load_model_folder
 
 

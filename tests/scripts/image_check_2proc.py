@@ -16,7 +16,8 @@ import sys
 
 from ddp_finetune import distributed as dist_utils
 from ddp_finetune.config import config_from_dict
-from ddp_finetune.data.sources import image_check, load_splits
+from ddp_finetune.data import image_check
+from ddp_finetune.data.sources import load_splits
 from ddp_finetune.distributed import make_accelerator
 
 
