@@ -13,14 +13,17 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 
 def unique_tag() -> str:
-    """pid, rank and a random part: two processes (two commands into one --out, or the ranks of one job on
-    hosts that share a file system, where pids can repeat) never pick the same temporary name."""
-    return f"{os.getpid()}-{os.environ.get('RANK', '0')}-{secrets.token_hex(4)}"
+    """The host, the pid and a random part: two processes (two commands into one --out, or the ranks of
+    one job on hosts that share a file system, where pids can repeat) never pick the same temporary name.
+    (Not the rank: only distributed.py reads the launcher's variables, and the host + pid already tell
+    two ranks apart.)"""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
 def temporary_path(path) -> Path:

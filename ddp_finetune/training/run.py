@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -139,7 +140,7 @@ def check_batch_sizes(cfg: Config, processes: int) -> None:
 
 
 def start_accelerator(cfg: Config, custom_model: bool = False):
-    """The Accelerator, after every check that needs no data (train._fit writes the run's config.yaml once
+    """The Accelerator, after every check that needs no data (loop._fit writes the run's config.yaml once
     the run is known to go ahead: a refused resume leaves the run's own config.yaml as it was)."""
     accelerator = dist_utils.make_accelerator(
         cfg.train.mixed_precision,
@@ -154,6 +155,9 @@ def start_accelerator(cfg: Config, custom_model: bool = False):
         performance.check_compile(device_type)  # before any data is loaded
     if not custom_model:
         check_model_name(cfg.model.name, cfg.task)  # before loading any data
+    if accelerator.is_main_process:  # the folder the run writes to (the image check's list, the free-space check)
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
     return accelerator
 
 
