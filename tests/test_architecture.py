@@ -145,3 +145,14 @@ def test_imports_point_down_the_layers():
 def test_every_module_is_in_a_layer_folder():
     top = sorted(p.stem for p in PACKAGE.glob("*.py"))
     assert top == ["__init__", "__main__", "distributed", "errors", "files", "out_paths"], top
+
+
+def test_the_map_names_every_module():
+    """docs/architecture.md is the newcomer's map: every module of the package has its line there."""
+    doc = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    missing = [
+        str(p.relative_to(PACKAGE))
+        for p in PACKAGE.rglob("*.py")
+        if p.name not in ("__init__.py", "__main__.py") and p.name not in doc
+    ]
+    assert not missing, f"docs/architecture.md does not name {missing}"
