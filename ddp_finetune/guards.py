@@ -60,6 +60,12 @@ class NonFiniteGuard:
         self.counts[0] = (self.counts[0] + 1) * found  # consecutive skips, reset by a real step
         self.counts[1] += found
 
+    @property
+    def last_found(self) -> torch.Tensor | None:
+        """The last step's verdict on the device (0-dim float, 1 = skipped), or None when the guard
+        does not skip on the device (fp16: ask Accelerate's `optimizer_step_was_skipped`)."""
+        return self._found if self.on_device else None
+
     def check(self, step: int) -> dict:
         """Read the counters (one small device-to-host copy); raise once `limit` steps in a row were skipped."""
         in_a_row, total, last_loss = self.counts.tolist()

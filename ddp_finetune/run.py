@@ -22,6 +22,7 @@ from . import performance
 from .config import Config, dump_config
 from .data import Classes, Splits, decide_classes, load_splits
 from .datasets import build_datasets, decide_decode
+from .ema import ModelEma
 from .errors import UserError
 from .files import atomic_write_text
 from .freeze import BackboneFreeze
@@ -64,6 +65,7 @@ class Run:
     load_report: LoadReport  # what build_model loaded (weights, missing / unexpected keys)
     guard: NonFiniteGuard  # skips non-finite steps on the device, checked every check_every_n_steps
     steps_per_epoch: int
+    ema: ModelEma | None = None  # train.ema_decay: the moving average of the weights, checkpointed
 
 
 def check_batch_sizes(cfg: Config, processes: int) -> None:
@@ -158,9 +160,17 @@ def build_run(cfg: Config) -> Run:
     eval_loss_fn = build_loss(dataclasses.replace(cfg.loss, sync=False), cfg.task, outputs)
 
     model, prepared_opt, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    # the average of the model as trained (unwrapped from DDP, on its device), before compilation
+    ema = (
+        ModelEma(accelerator.unwrap_model(model), cfg.train.ema_decay, cfg.train.ema_warmup)
+        if cfg.train.ema_decay
+        else None
+    )
     if cfg.train.compile:
         model = performance.compile_model(model, device_type)
     accelerator.register_for_checkpointing(schedule)
+    if ema is not None:  # after the schedule: a checkpoint without EMA keeps its file names
+        accelerator.register_for_checkpointing(ema.averaged)
     return Run(
         cfg=cfg,
         accelerator=accelerator,
@@ -185,6 +195,7 @@ def build_run(cfg: Config) -> Run:
         load_report=report,
         guard=NonFiniteGuard(accelerator.device, cfg.train.max_nonfinite_steps, on_device=on_device),
         steps_per_epoch=steps_per_epoch,
+        ema=ema,
     )
 
 
@@ -212,6 +223,9 @@ def start_lines(run: Run) -> list[str]:
     lines.append(loss_line(run))
     lines.append(describe_groups(run.groups))
     lines.append(run.schedule.describe())
+    if run.ema is not None:
+        warmup = ", warmup min(decay, (1 + t) / (10 + t))" if cfg.train.ema_warmup else ""
+        lines.append(f"EMA of the weights: decay {cfg.train.ema_decay}{warmup}; evaluated as val_ema/...")
     return lines
 
 
