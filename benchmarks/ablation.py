@@ -1,6 +1,6 @@
 """What each element of the training recipe adds: top-1 over seeds, one element added at a time.
 
-    python benchmarks/ablation.py [--seeds 0 1 2 --epochs 15 --out /tmp/ablation] [--weights SOURCE.safetensors]
+    python benchmarks/ablation.py [--seeds 0 1 2 --epochs 15 --lr 0.002 --out /tmp/ablation] [--weights SOURCE.safetensors]
 
 The task is offline and small: the demo's printed digits 0-9 (matplotlib's fonts, 16 px) on an
 imbalanced training split (class d has about 24 x 0.8^d images: 24 of digit 0, 3 of digit 9), a
@@ -82,7 +82,7 @@ def base_overrides(args, data: Path, out: Path) -> list[str]:
         f"train.epochs={args.epochs}",
         "train.batch_size=16",
         "train.eval_batch_size=100",
-        "optim.lr=0.05",
+        f"optim.lr={args.lr}",
         "schedule.name=CosineAnnealingLR",
         "log.progress_bar=false",
         "log.every_n_steps=10",
@@ -119,6 +119,7 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--out", type=Path, default=Path("/tmp/ddp_finetune_ablation"))
+    parser.add_argument("--lr", type=float, default=0.002, help="optim.lr from scratch (default: the demo baseline's)")
     parser.add_argument(
         "--weights", default=None, help="fine-tune from this state dict instead of training from scratch"
     )
@@ -170,6 +171,7 @@ def main() -> int:
         "train_counts": train_counts(),
         "seeds": args.seeds,
         "epochs": args.epochs,
+        "lr": args.lr,
         "weights": args.weights,
         "wall_time_s": time.perf_counter() - t0,
         "versions": {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()},
