@@ -125,12 +125,18 @@ def _demo_options(parser) -> None:
         + ", ".join(f"{path} for {task}" for task, path in DEFAULT_OUT.items())
         + ")",
     )
+    parser.add_argument(
+        "--seeds",
+        default="0-4",
+        help="classification: the seeds of the target runs, e.g. 0-4 or 0,3 (default: %(default)s); "
+        "each seed's top-1 and the mean, min and max go to summary.json",
+    )
 
 
 def _demo(args) -> int:
     from ddp_finetune.commands.demo import run_demo
 
-    run_demo(args.out, args.overrides, task=args.task)
+    run_demo(args.out, args.overrides, task=args.task, seeds=args.seeds)
     return 0
 
 

@@ -1,12 +1,19 @@
-"""`ddp-finetune demo`: the transfer-learning workflow, offline, in about a minute on 2 CPU cores.
+"""`ddp-finetune demo`: transfer learning that wins, offline, repeated over seeds.
 
 1. Write an image folder from the 1,797 handwritten digits scikit-learn ships in its wheel
    (real 8x8 scans, upsampled to 32x32 grayscale PNGs).
-2. Source task: train a ResNet-18 from scratch on digits 0-4 (`@digits_source`).
-3. Target task: digits 5-9 with only a few labelled images per class. Fine-tune from the source
-   weights, loaded from the local .safetensors file with a fresh head (`@digits_target`), and
-   train the same model from scratch on the same budget.
-4. Print the target accuracy of both, and draw their training curves side by side (`curves.png`).
+2. Source task: train a ResNet-18 from scratch on the handwritten digits 0-9 (`@digits_source`),
+   once: like downloaded pretrained weights, it is the same for every seed.
+3. Target task: the same ten digits in another domain, printed with the fonts matplotlib
+   ships (`printed_digits.py`), from only a few labelled images per class. For each seed of
+   `--seeds` (which draws the labelled images, the head's initialization and the data order):
+   fine-tune the source weights with the package's recipe (`@digits_target`: head_lr above lr,
+   backbone frozen for the first epochs then unfrozen, source BatchNorm statistics kept, EMA of
+   the weights as final/), and train the same network from scratch on the same images and
+   budget with a recipe fit for random weights (`@digits_target_scratch`: BatchNorm trains,
+   higher lr, the same EMA).
+4. Print each seed's top-1 of both on the same validation images, and the mean, min and max;
+   write them to `summary.json`; draw the first seed's curves (`curves.png`).
 
 `ddp-finetune demo --task segmentation` writes synthetic shapes (`shapes.py`) and trains
 LR-ASPP on them from scratch (`@segmentation_example`).
@@ -17,7 +24,9 @@ The `@NAME` configs ship inside the package (ddp_finetune/configs/NAME.yaml).
 from __future__ import annotations
 
 import json
+import platform
 import shutil
+import time
 from pathlib import Path
 
 from ddp_finetune.errors import UserError
@@ -27,18 +36,12 @@ from ddp_finetune.out_paths import folder_out
 DEMO_TASKS = ("classification", "segmentation")
 DEFAULT_OUT = {"classification": "runs/demo", "segmentation": "runs/demo_segmentation"}
 SHAPES_PER_SPLIT, SHAPES_SIZE = 48, 64  # the segmentation demo's data: images per split, side in pixels
-SOURCE_DIGITS = (0, 1, 2, 3, 4)
-TARGET_DIGITS = (5, 6, 7, 8, 9)
+TARGET_TRAIN_PER_CLASS, TARGET_VAL_PER_CLASS = 3, 20  # printed digits: labelled / validation images per class
+ARMS = {"fine-tuned": "@digits_target", "from scratch": "@digits_target_scratch"}
 
 
-def make_digits_folders(
-    root, target_train_per_class: int = 5, target_val_per_class: int = 60, size: int = 32, seed: int = 0
-) -> dict:
-    """Write `digits_source/<d>/*.png` and `digits_target/{train,validation}/<d>/*.png`.
-
-    The target task gets few labelled training images (the point of transfer learning) and a
-    validation set large enough to tell 1% apart, small enough to evaluate every epoch quickly.
-    """
+def make_digits_folders(root, size: int = 32) -> dict:
+    """Write `digits_source/<d>/*.png`: scikit-learn's 1,797 handwritten digits 0-9 (the source task)."""
     try:
         from sklearn.datasets import load_digits
     except ImportError:
@@ -50,28 +53,29 @@ def make_digits_folders(
 
     root = Path(root)
     digits = load_digits()
-    rng = np.random.default_rng(seed)
-    counts = {"source": 0, "target_train": 0, "target_validation": 0}
-    seen = {d: 0 for d in TARGET_DIGITS}
-    for i in rng.permutation(len(digits.images)):
-        label = int(digits.target[i])
-        pixels = (digits.images[i] / 16.0 * 255).astype(np.uint8)
-        img = Image.fromarray(pixels, "L").resize((size, size), Image.BILINEAR)
-        if label in SOURCE_DIGITS:
-            folder, key = root / "digits_source" / str(label), "source"
-        else:
-            if seen[label] >= target_train_per_class + target_val_per_class:
-                continue
-            split = "train" if seen[label] < target_train_per_class else "validation"
-            seen[label] += 1
-            folder, key = root / "digits_target" / split / str(label), f"target_{split}"
+    for i, (image, label) in enumerate(zip(digits.images, digits.target)):
+        pixels = (image / 16.0 * 255).astype(np.uint8)
+        folder = root / "digits_source" / str(int(label))
         folder.mkdir(parents=True, exist_ok=True)
-        img.save(folder / f"{i}.png")
-        counts[key] += 1
-    return counts
+        Image.fromarray(pixels, "L").resize((size, size), Image.BILINEAR).save(folder / f"{i}.png")
+    return {"source": len(digits.images)}
 
 
-def run_demo(out=None, overrides=(), task: str = "classification") -> dict:
+def parse_seeds(text: str) -> list[int]:
+    """`0-4`, `0,2,5` or `3` -> a list of seeds."""
+    seeds: list[int] = []
+    try:
+        for part in str(text).split(","):
+            low, dash, high = part.strip().partition("-")
+            seeds += list(range(int(low), int(high) + 1)) if dash else [int(low)]
+    except ValueError:
+        raise UserError(f"--seeds {text!r} is not a seed list; use e.g. 0-4, 0,1,2 or 3") from None
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds {text!r} needs distinct seeds >= 0, e.g. 0-4")
+    return seeds
+
+
+def run_demo(out=None, overrides=(), task: str = "classification", seeds: str | list[int] = "0-4") -> dict:
     """The demo of `task` under `out` (default `DEFAULT_OUT[task]`); `overrides` apply to every run."""
     from ddp_finetune.distributed import launched_world_size
 
@@ -87,7 +91,7 @@ def run_demo(out=None, overrides=(), task: str = "classification") -> dict:
     out = folder_out(out or DEFAULT_OUT[task], "--out", what="its data, runs and results")  # out_paths.py
     if task == "segmentation":
         return run_segmentation_demo(out, overrides)
-    return run_classification_demo(out, overrides)
+    return run_classification_demo(out, overrides, seeds if isinstance(seeds, list) else parse_seeds(seeds))
 
 
 def _start_over(run_dir: Path) -> None:
@@ -96,55 +100,98 @@ def _start_over(run_dir: Path) -> None:
         shutil.rmtree(run_dir)
 
 
-def run_classification_demo(out: Path, overrides=()) -> dict:
+def _stats(values: list[float]) -> dict:
+    return {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}
+
+
+def versions() -> dict:
+    import torch
+    import torchvision
+
+    from ddp_finetune import __version__
+
+    return {
+        "ddp-finetune": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
+
+
+def run_classification_demo(out: Path, overrides=(), seeds=(0,)) -> dict:
+    from ddp_finetune.commands.printed_digits import make_printed_digits
     from ddp_finetune.config import load_config
     from ddp_finetune.training.loop import fit
 
+    t0 = time.perf_counter()
     data = out / "data"
-    if not (data / "digits_target" / "validation").is_dir():
+    if not (data / "digits_source").is_dir():
         counts = make_digits_folders(data)
-        print(
-            f"demo: wrote {counts['source']} source images (digits 0-4), {counts['target_train']} target training "
-            f"and {counts['target_validation']} target validation images (digits 5-9) under {data}",
-            flush=True,
-        )
-    source_dir, target_dir = out / "source", out / "target_finetuned"
-    for run_dir in (source_dir, target_dir, out / "target_scratch"):
-        _start_over(run_dir)
-    common = [*overrides]
-    source = load_config("@digits_source", [f"output_dir={source_dir}", f"data.path={data / 'digits_source'}", *common])
-    print("\n== 1/3 source task: ResNet-18 from scratch on digits 0-4", flush=True)
+        print(f"demo: wrote {counts['source']} handwritten digits 0-9 (the source task) under {data}", flush=True)
+    source_dir = out / "source"
+    _start_over(source_dir)
+    source = load_config(
+        "@digits_source", [f"output_dir={source_dir}", f"data.path={data / 'digits_source'}", *overrides]
+    )
+    print("\n== source task: ResNet-18 from scratch on handwritten digits 0-9 (once, for every seed)", flush=True)
     source_summary = fit(source)
     weights = source_summary["final_weights"]
 
-    results = {}
-    for label, run_dir, weights_value in (
-        ("fine-tuned from source weights", target_dir, weights),
-        ("from scratch", out / "target_scratch", "null"),
-    ):
-        print(f"\n== {'2/3' if weights_value != 'null' else '3/3'} target task, digits 5-9: {label}", flush=True)
-        cfg = load_config(
-            "@digits_target",
-            [f"output_dir={run_dir}", f"data.path={data / 'digits_target'}", f"model.weights={weights_value}", *common],
-        )
-        results[label] = fit(cfg)
+    per_seed = []
+    for n, seed in enumerate(seeds):
+        target_data = data / f"printed_seed{seed}"
+        if not (target_data / "validation").is_dir():
+            make_printed_digits(target_data, TARGET_TRAIN_PER_CLASS, TARGET_VAL_PER_CLASS, train_seed=seed)
+        row = {"seed": seed}
+        for arm, config in ARMS.items():
+            run_dir = out / f"seed{seed}" / arm.replace(" ", "_").replace("-", "_")
+            _start_over(run_dir)
+            print(f"\n== seed {seed} ({n + 1}/{len(seeds)}), target task, printed digits 0-9: {arm}", flush=True)
+            values = [f"output_dir={run_dir}", f"data.path={target_data}", f"seed={seed}"]
+            if arm == "fine-tuned":
+                values.append(f"model.weights={weights}")
+            cfg = load_config(config, [*values, *overrides])
+            result = fit(cfg)
+            # the top-1 of the weights in final/: the EMA's under train.final_weights=ema
+            final_val = result["val_ema"] if cfg.train.final_weights == "ema" else result["val"]
+            row[arm] = final_val.get("top1", float("nan"))
+        per_seed.append(row)
 
-    rows = [
-        (label, s["val"].get("top1", float("nan")), s["val"].get("loss", float("nan")), s["steps"])
-        for label, s in results.items()
-    ]
-    table = ["| target task (digits 5-9) | top-1 | loss | optimizer steps |", "|---|---|---|---|"]
-    table += [f"| {label} | {top1:.3f} | {loss:.3f} | {steps} |" for label, top1, loss, steps in rows]
-    text = "\n".join(table)
-    print(
-        f"\nsource task (digits 0-4) validation top-1: {source_summary['val'].get('top1', float('nan')):.3f}\n{text}",
-        flush=True,
-    )
+    summary = {
+        "task": (
+            f"printed digits 0-9, {TARGET_TRAIN_PER_CLASS} labelled images per class; top-1 on the same "
+            f"{10 * TARGET_VAL_PER_CLASS} validation images for every seed"
+        ),
+        "source_top1": source_summary["val"].get("top1"),
+        "seeds": per_seed,
+        **{arm: _stats([r[arm] for r in per_seed]) for arm in ARMS},
+        "difference": _stats([r["fine-tuned"] - r["from scratch"] for r in per_seed]),
+        "wall_time_s": time.perf_counter() - t0,
+        "versions": versions(),
+    }
+    text = results_table(summary)
+    print(f"\nsource task (handwritten digits 0-9) validation top-1: {summary['source_top1']:.3f}\n{text}", flush=True)
     atomic_write_text(out / "results.md", text + "\n")
-    summary = {"source": source_summary, **results}
-    atomic_write_text(out / "results.json", json.dumps(summary, indent=2) + "\n")
-    draw_curves([target_dir, out / "target_scratch"], out / "curves.png", "digits 5-9: fine-tuned vs from scratch")
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    first = out / f"seed{seeds[0]}"
+    draw_curves(
+        [first / "fine_tuned", first / "from_scratch"], out / "curves.png", "printed digits: fine-tuned vs from scratch"
+    )
     return summary
+
+
+def results_table(summary: dict) -> str:
+    """Per seed top-1 of both arms and their difference, then mean, min and max."""
+    lines = ["| seed | fine-tuned top-1 | from scratch top-1 | difference |", "|---|---|---|---|"]
+    for r in summary["seeds"]:
+        lines.append(
+            f"| {r['seed']} | {r['fine-tuned']:.3f} | {r['from scratch']:.3f} | {r['fine-tuned'] - r['from scratch']:+.3f} |"
+        )
+    for stat in ("mean", "min", "max"):
+        ft, sc, diff = summary["fine-tuned"][stat], summary["from scratch"][stat], summary["difference"][stat]
+        lines.append(f"| {stat} | {ft:.3f} | {sc:.3f} | {diff:+.3f} |")
+    return "\n".join(lines)
 
 
 def draw_curves(runs, path: Path, title: str) -> None:

@@ -237,6 +237,22 @@ class TrainConfig:
     """Stop with an error (exit 2) once this many optimizer steps in a row had non-finite gradients; each such step is skipped, the weights untouched. Under fp16 the GradScaler's calibration skips are counted apart (`scaler_skipped_steps`): they count only once the loss scale fell below 1, or persist this many steps past its 16 halvings."""
     dist_timeout_minutes: int = 60
     """How long a rank waits in a collective (NCCL, gloo) for the others before the run fails; long enough for the first start-up on a large dataset, when one rank per node builds the caches while the others wait. An error on one rank stops the others at once, whatever this is."""
+    ema_decay: float | None = None
+    """Keep an exponential moving average (EMA) of the weights with this decay (e.g. 0.999; torch's `swa_utils.AveragedModel`), updated after every optimizer step that changed the weights and evaluated as `val_ema/...`; null: no EMA."""
+    ema_warmup: bool = True
+    """EMA warmup: at optimizer step t the decay is min(ema_decay, (1 + t) / (10 + t)), so the average forgets the first, untrained weights quickly."""
+    final_weights: Literal["model", "ema"] = "model"
+    """Weights written to `final/` when no metric is monitored: the trained `model` or its `ema` (with `train.monitor`, the monitored metric's weights: `val_ema/...` keeps the EMA's)."""
+    eval_every_n_steps: int | None = None
+    """Also evaluate every this many optimizer steps (null: only at the end of each epoch, and at `max_steps`)."""
+    monitor: str | None = None
+    """Keep the best model by this validation metric (`val/top1`, `val/loss`, `val/mean_iou`, `val_ema/top1`, ...) in `best/`, and make it `final/`; null: `final/` is the last step's."""
+    monitor_mode: Literal["auto", "min", "max"] = "auto"
+    """Whether a lower (`min`) or higher (`max`) `monitor` value is better; `auto`: min for losses, max for the rest."""
+    early_stopping_patience: int | None = None
+    """With `monitor`: stop once this many evaluations in a row did not improve it by more than `early_stopping_min_delta`; null: never stop early."""
+    early_stopping_min_delta: float = 0.0
+    """The smallest change of `monitor` that counts as an improvement (for early stopping and for `best/`)."""
 
     def validate(self) -> None:
         _positive("train.epochs", self.epochs)
@@ -251,10 +267,44 @@ class TrainConfig:
         _positive("train.check_every_n_steps", self.check_every_n_steps)
         _positive("train.max_nonfinite_steps", self.max_nonfinite_steps)
         _positive("train.dist_timeout_minutes", self.dist_timeout_minutes)
+        if self.ema_decay is not None:
+            _range("train.ema_decay", self.ema_decay, 0.0, 1.0, high_open=True)
+        if self.final_weights == "ema" and self.ema_decay is None:
+            raise UserError("train.final_weights=ema needs an EMA; set train.ema_decay (e.g. 0.999)")
+        if self.eval_every_n_steps is not None:
+            _positive("train.eval_every_n_steps", self.eval_every_n_steps)
+        self._validate_monitor()
         if self.batch_size % self.grad_accum:
             raise UserError(
                 f"train.batch_size={self.batch_size} does not divide by train.grad_accum={self.grad_accum}; "
                 "use a batch size that is a multiple of grad_accum"
+            )
+
+    def _validate_monitor(self) -> None:
+        if self.monitor is None:
+            if self.early_stopping_patience is not None:
+                raise UserError(
+                    "train.early_stopping_patience is set but train.monitor is null; set train.monitor (e.g. val/top1)"
+                )
+            return
+        split, _, metric = self.monitor.partition("/")
+        if split not in ("val", "val_ema") or not metric:
+            raise UserError(
+                f"train.monitor={self.monitor!r} is not a validation metric; use val/<metric> or val_ema/<metric>, "
+                "e.g. val/top1, val/loss, val/mean_iou"
+            )
+        if split == "val_ema" and self.ema_decay is None:
+            raise UserError(f"train.monitor={self.monitor!r} needs an EMA; set train.ema_decay (e.g. 0.999)")
+        if split == "val" and self.final_weights == "ema":
+            raise UserError(
+                f"train.final_weights=ema but train.monitor={self.monitor!r} keeps the model's weights; "
+                f"monitor val_ema/{metric} to keep the best EMA weights"
+            )
+        if self.early_stopping_patience is not None:
+            _positive("train.early_stopping_patience", self.early_stopping_patience)
+        if self.early_stopping_min_delta < 0:
+            raise UserError(
+                f"train.early_stopping_min_delta={self.early_stopping_min_delta} is negative; use 0 or more"
             )
 
 

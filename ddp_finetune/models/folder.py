@@ -57,6 +57,8 @@ class ModelCard:
     interpolation: str = "bilinear"  # evaluation resize of the model
     ignore_index: int | None = None  # segmentation: the mask value that is no class
     weights_from: str | None = None  # model.weights the training started from
+    averaged: bool = False  # the weights are the EMA of the trained weights (train.ema_decay)
+    selected: dict | None = None  # train.monitor: {monitor, mode, step, value} of the kept (best) model
     version: int = CARD_VERSION
     written_by: str = f"ddp-finetune {__version__}"
 
@@ -64,7 +66,9 @@ class ModelCard:
         return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
 
 
-def make_card(cfg: Config, class_names, outputs: int, parts: Parts) -> ModelCard:
+def make_card(
+    cfg: Config, class_names, outputs: int, parts: Parts, averaged: bool = False, selected: dict | None = None
+) -> ModelCard:
     timm = cfg.model.name.startswith(TIMM_PREFIX)
     return ModelCard(
         model_name=cfg.model.name,
@@ -80,12 +84,16 @@ def make_card(cfg: Config, class_names, outputs: int, parts: Parts) -> ModelCard
         interpolation=parts.interpolation,
         ignore_index=cfg.loss.ignore_index if cfg.task == "segmentation" else None,
         weights_from=cfg.model.weights,
+        averaged=averaged,
+        selected=selected,
     )
 
 
-def model_files(cfg: Config, classes, parts: Parts) -> dict[str, str]:
+def model_files(
+    cfg: Config, classes, parts: Parts, averaged: bool = False, selected: dict | None = None
+) -> dict[str, str]:
     """The files `checkpoint.save_final_weights` writes next to the weights (name -> text)."""
-    card = make_card(cfg, classes.names, classes.outputs, parts)
+    card = make_card(cfg, classes.names, classes.outputs, parts, averaged, selected)
     return {CARD_FILE: card.to_json(), CONFIG_FILE: dump_config(cfg)}
 
 

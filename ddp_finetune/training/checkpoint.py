@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ddp_finetune import distributed as dist_utils
 from ddp_finetune.errors import UserError
-from ddp_finetune.training.manifest import STATE_FILE, checkpoint_problem, has_manifest, write_manifest
+from ddp_finetune.training.manifest import STATE_FILE, checkpoint_problem, folder_problem, has_manifest, write_manifest
 from ddp_finetune.training.output_dir import is_disk_full
 from ddp_finetune.training.param_groups import restore_fused
 from ddp_finetune.training.resume_check import check_fits, load_failure
@@ -183,11 +183,14 @@ def load_checkpoint(accelerator, path: Path, config_text: str | None = None) -> 
     return json.loads((Path(path) / STATE_FILE).read_text())
 
 
-def save_final_weights(accelerator, model, output_dir, files: dict[str, str] | None = None) -> Path:
-    """The unwrapped state dict as `<output_dir>/final/model.safetensors`, atomically, with `files`
-    (name -> text: the model card and config of model_folder.py) in the same folder."""
+def save_final_weights(
+    accelerator, model, output_dir, files: dict[str, str] | None = None, name: str = "final", manifest: bool = False
+) -> Path:
+    """The unwrapped state dict as `<output_dir>/<name>/model.safetensors`, atomically, with `files`
+    (name -> text: the model card and config of model_folder.py) in the same folder; with `manifest`,
+    a manifest.json written last (as in a checkpoint), so `promote_best` can verify the folder."""
     out = Path(output_dir)
-    final, tmp = out / "final", out / ".tmp-final"
+    final, tmp = out / name, out / f".tmp-{name}"
     accelerator.wait_for_everyone()
     full = False
     if accelerator.is_main_process:
@@ -195,8 +198,10 @@ def save_final_weights(accelerator, model, output_dir, files: dict[str, str] | N
         try:
             # torch.compile's wrapper would prefix every key with `_orig_mod.`: save the model it wraps
             accelerator.save_model(getattr(model, "_orig_mod", model), str(tmp), safe_serialization=True)
-            for name, text in (files or {}).items():
-                (tmp / name).write_text(text)
+            for file_name, text in (files or {}).items():
+                (tmp / file_name).write_text(text)
+            if manifest:
+                write_manifest(tmp)
         except Exception as exc:
             if not is_disk_full(exc, out):
                 raise
@@ -207,10 +212,37 @@ def save_final_weights(accelerator, model, output_dir, files: dict[str, str] | N
     if dist_utils.any_rank(full, device=accelerator.device):
         kept = latest_checkpoint(output_dir)
         raise UserError(
-            f"no space left on the device of output_dir={str(output_dir)!r} while writing final/; "
+            f"no space left on the device of output_dir={str(output_dir)!r} while writing {name}/; "
             f"{f'the last checkpoint {kept.name} is intact' if kept else 'no checkpoint was kept'}; "
             "free space, then run again with checkpoint.resume=auto to write final/"
         )
+    accelerator.wait_for_everyone()
+    return final / "model.safetensors"
+
+
+BEST = "best"
+
+
+def promote_best(accelerator, output_dir, best_step: int) -> Path:
+    """final/ becomes a copy of best/ (the model kept by `train.monitor`), after best/ verifies against
+    its manifest and its model card names `best_step`, the step the run's own state calls the best."""
+    out = Path(output_dir)
+    best, final, tmp = out / BEST, out / "final", out / ".tmp-final"
+    problem = folder_problem(best) if best.is_dir() else "is missing"
+    if problem is None:
+        selected = (json.loads((best / "model.json").read_text()).get("selected") or {}).get("step")
+        if selected != best_step:
+            problem = f"holds the model of step {selected}, the run's best is step {best_step}"
+    if problem:  # every rank reads the same files and raises the same line
+        raise UserError(
+            f"{best} {problem}; final/ was not written: run again with checkpoint.resume=auto from a checkpoint "
+            f"before step {best_step}, or without train.monitor"
+        )
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(best, tmp)
+        _swap_into_place(tmp, final)
     accelerator.wait_for_everyone()
     return final / "model.safetensors"
 

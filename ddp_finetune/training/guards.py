@@ -88,6 +88,12 @@ class NonFiniteGuard:
         collapsed = (scale.reshape(()).to(self.counts.device) < 1.0).to(torch.float64)
         return collapsed * skipped
 
+    @property
+    def last_found(self) -> torch.Tensor | None:
+        """The last step's verdict on the device (0-dim float, 1 = skipped), or None when the guard
+        does not skip on the device (fp16: ask Accelerate's `optimizer_step_was_skipped`)."""
+        return self._found if self.on_device else None
+
     def check(self, step: int) -> dict:
         """Read the counters (one small device-to-host copy); raise once `limit` steps in a row were skipped
         as non-finite, or (fp16) the GradScaler kept skipping `limit` steps past its calibration."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ from ddp_finetune.training.param_groups import lr_log
 from ddp_finetune.training.preemption import EXIT_PREEMPTED, PREEMPTED_FILE, StopWatcher
 from ddp_finetune.training.resume_check import CLASS_NAMES_KEY, check_classes
 from ddp_finetune.training.run import Inputs, Run, build_run, start_lines
+from ddp_finetune.training.selection import Selection
 from ddp_finetune.training.tracking import MetricsLog, init_trackers
 from ddp_finetune.training.validation import evaluate
 
@@ -48,6 +50,13 @@ class Progress:
     epoch: int = 0  # current epoch
     step_in_epoch: int = 0  # optimizer steps done in the current epoch
     val: dict = field(default_factory=dict)  # the last validation metrics
+    val_ema: dict = field(default_factory=dict)  # the last validation metrics of the EMA weights
+    last_eval_step: int | None = None  # the step of the last evaluation (not evaluated twice at one step)
+    selection: Selection = field(default_factory=Selection)  # train.monitor: the best so far, early stopping
+
+    def __post_init__(self):
+        if isinstance(self.selection, dict):  # read back from trainer_state.json
+            self.selection = Selection(**self.selection)
 
 
 @dataclass
@@ -179,6 +188,9 @@ def count_step(run: Run, progress: Progress, window: Window) -> dict | None:
     step_lrs = lr_log(run.raw_optimizer) if progress.step % cfg.log.every_n_steps == 0 else None
     if not run.accelerator.optimizer_step_was_skipped:
         run.schedule.step()
+        if run.ema is not None:
+            # a step the non-finite guard skipped on the device leaves the average as it is (no host sync)
+            run.ema.update(progress.step, found_inf=run.guard.last_found)
     return step_lrs
 
 
@@ -191,6 +203,64 @@ def is_check_step(run: Run, progress: Progress) -> bool:
         or bool(cfg.checkpoint.every_n_steps and s % cfg.checkpoint.every_n_steps == 0)
         or progress.step_in_epoch >= run.steps_per_epoch
         or bool(cfg.train.max_steps and s >= cfg.train.max_steps)
+        or is_eval_step(run, progress)
+    )
+
+
+def is_eval_step(run: Run, progress: Progress) -> bool:
+    """A `train.eval_every_n_steps` evaluation inside an epoch (an epoch's last step is evaluated by
+    `_epochs`, after the step's checkpoint as before). At `max_steps` too: before the step's checkpoint,
+    as in a run that goes on, so that a run resumed from that checkpoint selects and stops the same."""
+    cfg, s = run.cfg, progress.step
+    return bool(
+        cfg.train.eval_every_n_steps
+        and s % cfg.train.eval_every_n_steps == 0
+        and progress.step_in_epoch < run.steps_per_epoch
+    )
+
+
+def evaluate_and_select(run: Run, progress: Progress, log: MetricsLog) -> bool:
+    """Evaluate the model (and its EMA), log, keep the best model; True when early stopping ends the run.
+
+    The metrics are global, so every rank takes the same decision; the ranks still agree on it
+    (`any_rank`), so none can leave the loop alone."""
+    cfg = run.cfg
+    progress.val = evaluate(run)
+    log.log({"step": progress.step, "epoch": progress.epoch, "split": "val", **progress.val})
+    if run.ema is not None:
+        progress.val_ema = evaluate(run, run.ema.module)
+        log.log({"step": progress.step, "epoch": progress.epoch, "split": "val_ema", **progress.val_ema})
+    progress.last_eval_step = progress.step
+    if not cfg.train.monitor:
+        return False
+    metrics = {f"val/{k}": v for k, v in progress.val.items()}
+    metrics.update({f"val_ema/{k}": v for k, v in progress.val_ema.items()})
+    if progress.selection.observe(cfg.train, metrics, progress.step):
+        save_best(run, progress)
+    stop = dist_utils.any_rank(progress.selection.should_stop(cfg.train), device=run.accelerator.device)
+    if stop:
+        progress.selection.stopped_early = True
+        sel = progress.selection
+        dist_utils.print0(
+            f"early stopping at step {progress.step}: {cfg.train.monitor} did not improve by more than "
+            f"{cfg.train.early_stopping_min_delta} in {sel.bad_evaluations} evaluations "
+            f"(best {sel.best_value:.6g} at step {sel.best_step})"
+        )
+    return stop
+
+
+def _selected_weights(run: Run, ema: bool) -> torch.nn.Module:
+    return run.ema.module if ema else run.model
+
+
+def save_best(run: Run, progress: Progress) -> Path:
+    """best/: the monitored metric's weights (the EMA's for a val_ema/ metric), atomically, with a manifest."""
+    cfg = run.cfg
+    ema = cfg.train.monitor.startswith("val_ema/")
+    selected = progress.selection.describe(cfg.train)
+    files = _model_files(run, averaged=ema, selected=selected)
+    return ckpt.save_final_weights(
+        run.accelerator, _selected_weights(run, ema), cfg.output_dir, files, name=ckpt.BEST, manifest=True
     )
 
 
@@ -285,15 +355,20 @@ def train_one_epoch(run: Run, progress: Progress, log: MetricsLog, watcher: Stop
     for micro_batches in grouped(loader, cfg.train.grad_accum):
         optimizer_step(run, micro_batches, progress.epoch, window)
         step_lrs = count_step(run, progress, window)
+        stop_early = False
         if is_check_step(run, progress):
             health = run.guard.check(progress.step)
             check_targets(run.loss_fn)  # bad labels seen since the last check: UserError on every rank
             if step_lrs is not None:
                 log_train(run, progress, log, window, step_lrs, health, bar)
+            if is_eval_step(run, progress):
+                stop_early = evaluate_and_select(run, progress, log)
+                run.freeze.start_epoch(run.model, progress.epoch)  # back to train mode (BatchNorm frozen as before)
+            # after the evaluation: a checkpoint of this step holds its selection state
             checkpoint_or_stop(run, progress, watcher)
         if bar is not None:
             bar.update(1)
-        if cfg.train.max_steps and progress.step >= cfg.train.max_steps:
+        if stop_early or (cfg.train.max_steps and progress.step >= cfg.train.max_steps):
             return False
     return True
 
@@ -354,14 +429,16 @@ def _write_run_config(run: Run) -> None:
 
 def _epochs(run: Run, progress: Progress, log: MetricsLog, watcher: StopWatcher, bar) -> float:
     """Train and evaluate epoch after epoch; returns the seconds spent training."""
-    cfg, train_time, keep_going = run.cfg, 0.0, True
+    cfg, train_time, keep_going = run.cfg, 0.0, not progress.selection.stopped_early
     while progress.epoch < cfg.train.epochs and keep_going:
         start = time.perf_counter()
         keep_going = train_one_epoch(run, progress, log, watcher, bar)
         train_time += time.perf_counter() - start
         epoch_done = progress.step_in_epoch >= run.steps_per_epoch
-        progress.val = evaluate(run)
-        log.log({"step": progress.step, "epoch": progress.epoch, "split": "val", **progress.val})
+        if progress.last_eval_step != progress.step:  # not when early stopping just evaluated this step
+            keep_going = not evaluate_and_select(run, progress, log) and keep_going
+        if progress.selection.stopped_early:
+            break
         if epoch_done:
             run.schedule.epoch_end(progress.epoch, {f"val/{k}": v for k, v in progress.val.items()})
             progress.epoch, progress.step_in_epoch = progress.epoch + 1, 0
@@ -406,6 +483,8 @@ def _fit(cfg: Config, inputs: Inputs) -> dict:
     _refuse_replacing_finished(cfg, resume_from)
     run = build_run(cfg, inputs)
     progress = Progress()
+    if resume_from is None and run.accelerator.is_main_process:
+        shutil.rmtree(Path(cfg.output_dir) / ckpt.BEST, ignore_errors=True)  # an earlier run's best model
     if resume_from is not None:
         check_classes(resume_from, run.classes.names, cfg.data.path)  # by name: before the weights' shapes
         # a checkpoint taken on an epoch's last step resumes into that epoch with nothing left to
@@ -466,11 +545,22 @@ def _save_final(run: Run, progress: Progress) -> Path:
             f"the final weights hold NaN or inf (step {progress.step}); final/ was not written: lower optim.lr, "
             "set train.max_grad_norm, or check the data and the loss"
         )
-    if run.inputs.model is not None:  # a model fit was given: no model.json, nothing could rebuild it
-        files = {"config.yaml": dump_config(run.cfg)}
-    else:
-        files = model_files(run.cfg, run.classes, run.parts)
-    return ckpt.save_final_weights(run.accelerator, run.model, run.cfg.output_dir, files)
+    cfg = run.cfg
+    if cfg.train.monitor:  # the best model, kept as the run went
+        return ckpt.promote_best(run.accelerator, cfg.output_dir, progress.selection.best_step)
+    ema = cfg.train.final_weights == "ema"
+    if ema and not all_finite(run.ema.module):
+        raise UserError(f"the EMA weights hold NaN or inf (step {progress.step}); final/ was not written")
+    files = _model_files(run, averaged=ema)
+    return ckpt.save_final_weights(run.accelerator, _selected_weights(run, ema), cfg.output_dir, files)
+
+
+def _model_files(run: Run, **card) -> dict[str, str]:
+    """What goes beside the weights in final/ or best/: model.json and config.yaml; for a model given to
+    fit, config.yaml only (nothing could rebuild that model from a card)."""
+    if run.inputs.model is not None:
+        return {"config.yaml": dump_config(run.cfg)}
+    return model_files(run.cfg, run.classes, run.parts, **card)
 
 
 def _summary(
@@ -485,6 +575,9 @@ def _summary(
         "steps": progress.step,
         "epochs": progress.epoch,
         "val": progress.val,
+        "val_ema": progress.val_ema or None,
+        "selected": progress.selection.describe(cfg.train) if cfg.train.monitor else None,
+        "stopped_early": progress.selection.stopped_early,
         "wall_time_s": wall_time,
         "images_per_second": speed,
         "final_weights": str(weights),

@@ -41,6 +41,22 @@ def has_manifest(folder: Path) -> bool:
     return (Path(folder) / MANIFEST).is_file()
 
 
+def folder_problem(folder: Path) -> str | None:
+    """Why a folder written with a manifest (`best/`) no longer holds what was saved, or None."""
+    folder = Path(folder)
+    if not has_manifest(folder):
+        return f"has no {MANIFEST}"
+    try:
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return f"{MANIFEST} is damaged"
+    for name, expected in files.items():
+        problem = _file_problem(folder / name, expected)
+        if problem:
+            return f"{name} {problem}"
+    return None
+
+
 def checkpoint_problem(folder: Path) -> str | None:
     """Why `folder` cannot be resumed (a file missing, truncated or changed), or None."""
     folder = Path(folder)

@@ -213,9 +213,11 @@ def needed_bytes(cfg, model, existing_checkpoints: int) -> tuple[int, int]:
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     # SGD keeps one copy (momentum) or none; the others at most two (AdamW, RMSprop with momentum)
     copies = (1 if cfg.optim.momentum else 0) if cfg.optim.name.lower() == "sgd" else 2
+    copies += 1 if cfg.train.ema_decay else 0  # the EMA's copy of the weights
     checkpoint = weights * (1 + copies)
     more = max(cfg.checkpoint.keep_last + 1 - existing_checkpoints, 1)
-    return more * checkpoint + 2 * weights, checkpoint
+    finals = 4 if cfg.train.monitor else 2  # best/ is replaced as final/ is
+    return more * checkpoint + finals * weights, checkpoint
 
 
 def check_free_space(cfg, model, checkpoints_kept: int = 0) -> None:

@@ -29,6 +29,7 @@ from ddp_finetune.losses import build_loss, needs_statistics_pass
 from ddp_finetune.models import LoadReport, Parts, build_model, check_model_name, generic_parts
 from ddp_finetune.training import performance
 from ddp_finetune.training.checkpoint import list_checkpoints
+from ddp_finetune.training.ema import ModelEma
 from ddp_finetune.training.freeze import BackboneFreeze
 from ddp_finetune.training.guards import NonFiniteGuard
 from ddp_finetune.training.output_dir import check_free_space
@@ -115,6 +116,7 @@ class Run:
     guard: NonFiniteGuard  # skips non-finite steps on the device, checked every check_every_n_steps
     steps_per_epoch: int
     report: StartReport  # what only the start-up lines print
+    ema: ModelEma | None = None  # train.ema_decay: the moving average of the weights, checkpointed
     inputs: Inputs = dataclasses.field(default_factory=Inputs)  # what the Python caller gave fit instead
 
 
@@ -256,9 +258,17 @@ def build_run(cfg: Config, inputs: Inputs | None = None) -> Run:
         eval_loss_fn = build_loss(dataclasses.replace(cfg.loss, sync=False), cfg.task, outputs)
 
     model, prepared_opt, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    # the average of the model as trained (unwrapped from DDP, on its device), before compilation
+    ema = (
+        ModelEma(accelerator.unwrap_model(model), cfg.train.ema_decay, cfg.train.ema_warmup)
+        if cfg.train.ema_decay
+        else None
+    )
     if cfg.train.compile:
         model = performance.compile_model(model, device_type)
     accelerator.register_for_checkpointing(schedule)
+    if ema is not None:  # after the schedule: a checkpoint without EMA keeps its file names
+        accelerator.register_for_checkpointing(ema.averaged)
     return Run(
         cfg=cfg,
         accelerator=accelerator,
@@ -283,6 +293,7 @@ def build_run(cfg: Config, inputs: Inputs | None = None) -> Run:
         steps_per_epoch=steps_per_epoch,
         report=StartReport(data.splits, report, loader_plan, data.decode_note, groups),
         inputs=inputs,
+        ema=ema,
     )
 
 
@@ -312,6 +323,9 @@ def start_lines(run: Run) -> list[str]:
     lines.append(describe_groups(run.report.groups))
     lines.append(run.freeze.plan.describe())
     lines.append(run.schedule.describe())
+    if run.ema is not None:
+        warmup = ", warmup min(decay, (1 + t) / (10 + t))" if cfg.train.ema_warmup else ""
+        lines.append(f"EMA of the weights: decay {cfg.train.ema_decay}{warmup}; evaluated as val_ema/...")
     return lines
 
 

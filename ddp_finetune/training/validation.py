@@ -21,15 +21,17 @@ from ddp_finetune.models import split_outputs
 from ddp_finetune.training.metrics import classification_metrics, segmentation_metrics, segmentation_sample_stats
 
 
-def evaluate(run) -> dict:
-    """Loss and metrics of the run's validation split (`run` is a `run.Run`)."""
-    run.model.eval()
+def evaluate(run, model=None) -> dict:
+    """Loss and metrics of the run's validation split (`run` is a `run.Run`), with `model` (the EMA's)
+    instead of the trained one when given."""
+    model = run.model if model is None else model
+    model.eval()
     a, cfg = run.accelerator, run.cfg
     if cfg.task == "segmentation":
         return evaluate_segmentation(
-            a, run.model, run.val_loader, run.prepare_input, run.classes.outputs, cfg.loss.ignore_index
+            a, model, run.val_loader, run.prepare_input, run.classes.outputs, cfg.loss.ignore_index
         )
-    return evaluate_classification(a, run.model, run.val_loader, run.prepare_input, run.eval_loss_fn, cfg.task)
+    return evaluate_classification(a, model, run.val_loader, run.prepare_input, run.eval_loss_fn, cfg.task)
 
 
 def gather_logits(accelerator, model, loader, prepare_input: Callable) -> tuple[torch.Tensor, torch.Tensor] | None:
