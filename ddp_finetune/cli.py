@@ -328,6 +328,9 @@ After training (RUN is the run's output_dir):
   {PROG} evaluate RUN [--data held_out/]
   {PROG} predict RUN photos/ --out predictions.csv
   {PROG} plot RUN [RUN ...] --out curves.png
+A grid of runs, resumable, here or as one SLURM job array (--slurm slurm/cpu.sbatch):
+  {PROG} sweep my_run.yaml optim.lr=0.01,0.03 --seeds 0-2 --out sweeps/lr
+  {PROG} sweep-report sweeps/lr        # results.csv, results.md, results.png
 Configs shipped inside the package are @NAME, e.g. `{PROG} train @digits_source`.
 Help on a command: {PROG} COMMAND -h""",
         formatter_class=argparse.RawDescriptionHelpFormatter,

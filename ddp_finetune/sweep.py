@@ -43,6 +43,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .files import atomic_path, atomic_write_text
+from .preemption import EXIT_PREEMPTED, PREEMPTED_FILE, STOP_FILE
 
 MANIFEST = "sweep.json"
 CONFIG_COPY = "config.yaml"
@@ -53,7 +54,6 @@ SEED_KEY = "seed"
 # the sweep decides these for every element: a value from the user would break the layout or resume
 _RESERVED = {"output_dir": "the sweep gives every element its own output_dir under --out",
              "checkpoint.resume": "the sweep always resumes (checkpoint.resume=auto)"}  # fmt: skip
-_EXIT_PREEMPTED = 75  # = preemption.EXIT_PREEMPTED (not imported: that module loads torch)
 _SAFE = re.compile(r"[^A-Za-z0-9.+-]+")
 _MAX_NAME = 120
 
@@ -287,7 +287,7 @@ def status_of(folder: Path) -> str:
         return "finished"
     if (folder / FAILED_FILE).is_file():
         return "failed"
-    if (folder / "preempted.json").is_file():
+    if (folder / PREEMPTED_FILE).is_file():
         return "preempted"
     return "unfinished" if (folder / "config.yaml").is_file() else "not started"
 
@@ -295,25 +295,34 @@ def status_of(folder: Path) -> str:
 class _Runner:
     """Runs elements as `python -m ddp_finetune train` children, K at a time, and stops them on a signal.
 
-    The children get their own session, so a Ctrl-C (or SIGTERM) reaches only this process, which
-    passes it on once: each child then checkpoints at its next step and exits 75 (preempted), as a
-    single run does. Elements not started yet are not started."""
+    The children get their own session, so a Ctrl-C (or SIGTERM) reaches only this process. The
+    first one touches each running element's stop file, the request the SLURM templates make
+    (it reaches every rank whatever the launcher; slurm/README.md says why a file): each child checkpoints at
+    its next step and exits 75 (preempted), as a single run does, and elements not started yet are
+    not started. A second one is passed on to the children as SIGINT: they abort at once."""
 
     def __init__(self, manifest: dict, total: int):
         self.manifest = manifest
         self.total = total
         self.stopping = False
+        self.signalled = False
         self.children: dict[int, subprocess.Popen] = {}
         self.lock = threading.Lock()
         self.results: dict[str, str] = {}
 
     def on_signal(self, signum, frame) -> None:
-        self.stopping = True
-        print(f"sweep: {signal.Signals(signum).name}: the running elements checkpoint and stop", flush=True)
+        name = signal.Signals(signum).name
         with self.lock:
-            for child in self.children.values():
-                if child.poll() is None:
-                    child.send_signal(signum)
+            running = [(i, c) for i, c in self.children.items() if c.poll() is None]
+            if self.signalled:
+                print(f"sweep: {name} again: aborting the running elements", flush=True)
+                for _, child in running:
+                    child.send_signal(signal.SIGINT)  # a run's second SIGINT aborts it
+                return
+            self.signalled = self.stopping = True
+            for index, _ in running:
+                (element_dir(self.manifest, self.manifest["elements"][index]) / STOP_FILE).touch()
+        print(f"sweep: {name}: the running elements checkpoint at their next step and stop", flush=True)
 
     def run(self, element: dict) -> None:
         name, folder = element["name"], element_dir(self.manifest, element)
@@ -322,6 +331,7 @@ class _Runner:
             return
         folder.mkdir(parents=True, exist_ok=True)
         (folder / FAILED_FILE).unlink(missing_ok=True)
+        (folder / STOP_FILE).unlink(missing_ok=True)  # an old request would stop the resumed run at once
         cmd = [sys.executable, "-m", "ddp_finetune", "train", self.manifest["config"], *element["overrides"]]
         cmd.append("checkpoint.resume=auto")
         t0 = time.monotonic()
@@ -346,7 +356,7 @@ class _Runner:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in val.items() if isinstance(v, float))
             print(f"sweep: {name}: done in {took}: validation {shown}", flush=True)
             self.results[name] = "finished"
-        elif code == _EXIT_PREEMPTED:
+        elif code == EXIT_PREEMPTED:
             print(f"sweep: {name}: stopped after {took}, checkpoint saved; re-run the sweep to resume it", flush=True)
             self.results[name] = "preempted"
             self.stopping = True  # a stop request (signal, stop file) ends the sweep, not only this element
@@ -396,7 +406,7 @@ def run_local(sweep_dir: Path, manifest: dict, max_parallel: int) -> int:
         return 1
     if counts["preempted"] or counts["not started"]:
         print("sweep: stopped; re-run the same command to resume it", flush=True)
-        return _EXIT_PREEMPTED
+        return EXIT_PREEMPTED
     return 0
 
 
@@ -532,7 +542,7 @@ def report(sweep_dir, metric: str | None = None, mode: str | None = None) -> dic
     pick = max if mode == "max" else min
     best = pick(scored, key=lambda s: s.stats()["mean"]) if scored else None
     rows = list(settings.values())
-    atomic_write_text(sweep_dir / "results.csv", _csv(rows, swept, best))
+    atomic_write_text(sweep_dir / "results.csv", _csv(rows, swept, key, best))
     atomic_write_text(sweep_dir / "results.md", _markdown(sweep_dir, manifest, rows, swept, key, mode, best, missing))
     picture = _draw(sweep_dir / "results.png", rows, swept, key) if swept and scored else None
     return {"metric": key, "mode": mode, "settings": rows, "best": best, "missing": missing, "picture": picture}
@@ -542,15 +552,15 @@ def _fmt(x) -> str:
     return "" if x is None else f"{x:.6g}"
 
 
-def _csv(rows: list[Setting], swept: list[str], best: Setting | None) -> str:
+def _csv(rows: list[Setting], swept: list[str], key: str, best: Setting | None) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow([*swept, "n", "elements", "mean", "std", "min", "max", "best"])
+    writer.writerow([*swept, "metric", "n", "elements", "mean", "std", "min", "max", "best"])
     for s in rows:
         st = s.stats()
         # repr-exact floats: two sweeps of the same grid give the same file, byte for byte
         nums = ["" if st[k] is None else repr(st[k]) for k in ("mean", "std", "min", "max")]
-        writer.writerow([*s.values.values(), st["n"], s.elements, *nums, int(s is best)])
+        writer.writerow([*s.values.values(), f"val/{key}", st["n"], s.elements, *nums, int(s is best)])
     return buf.getvalue()
 
 

@@ -32,7 +32,7 @@ from preempt_runs import REPO, child_env, gate, make_setup, stop_process, wait_f
 
 from ddp_finetune.cli import main  # noqa: E402
 from ddp_finetune.errors import EXIT_USER_ERROR  # noqa: E402
-from ddp_finetune.preemption import EXIT_PREEMPTED, PREEMPTED_FILE, STOP_FILE  # noqa: E402
+from ddp_finetune.preemption import EXIT_PREEMPTED, STOP_FILE  # noqa: E402
 from ddp_finetune.sweep import (  # noqa: E402
     array_spec,
     element_args,
@@ -40,7 +40,9 @@ from ddp_finetune.sweep import (  # noqa: E402
     parse_seeds,
     prepare_sweep,
     read_manifest,
+    report,
     split_values,
+    status_of,
 )
 
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
@@ -197,7 +199,7 @@ def setup(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def local_sweep(setup, tmp_path_factory):
-    """The 2 x 2 sweep here, stopped inside its first element, then re-run twice: (folder, outputs)."""
+    """The 2 x 2 sweep here, stopped by SIGTERM inside its first element, then re-run twice: (folder, outputs)."""
     root = tmp_path_factory.mktemp("local_sweep")
     out, gate_dir = root / "sw", root / "gate"
     cmd = sweep_cmd(setup, out, gate_dir)
@@ -207,23 +209,31 @@ def local_sweep(setup, tmp_path_factory):
     try:
         # every element is held at step 3 until `go` exists: the first one is there now
         wait_for_file(gate_dir / "reached.0", first, what="the sweep's first element")
-        (out / NAMES[0] / STOP_FILE).touch()  # what the SLURM templates do on a warning signal
+        first.send_signal(signal.SIGTERM)
+        # the sweep's answer: the running element's stop file, the request the SLURM templates make
+        wait_for_file(out / NAMES[0] / STOP_FILE, first, what="the sweep's signal handler")
         (gate_dir / "go").touch()
         stopped, _ = first.communicate(timeout=300)
     finally:
         stop_process(first)
+    status = {n: status_of(out / n) for n in NAMES}
+    report(out)  # of a sweep half done
+    partial = (out / "results.md").read_text()
     resumed = run(cmd)
     again = run(cmd)
-    return out, {"stopped": (first.returncode, stopped), "resumed": resumed, "again": again}
+    return out, {"stopped": (first.returncode, stopped, status, partial), "resumed": resumed, "again": again}
 
 
 @pytest.mark.slow
 def test_a_stopped_sweep_resumes_its_element_and_skips_finished_ones(local_sweep):
     out, runs = local_sweep
-    code, text = runs["stopped"]
+    code, text, status, partial = runs["stopped"]
     assert code == EXIT_PREEMPTED, text
-    assert f"{NAMES[0]}: stopped" in text and "re-run the same command to resume" in text
-    assert (out / NAMES[0] / PREEMPTED_FILE).exists() or (out / NAMES[0] / "summary.json").exists()
+    assert status == dict(zip(NAMES, ["preempted", "not started", "not started", "not started"]))
+    assert f"- {NAMES[0]}: preempted" in partial and f"- {NAMES[3]}: not started" in partial
+    assert "SIGTERM: the running elements checkpoint" in text and f"{NAMES[0]}: stopped" in text
+    assert "re-run the same command to resume" in text and "lr-0.01_seed-1: started" not in text
+    assert not (out / NAMES[0] / STOP_FILE).exists(), "the run removes the request it answered"
     resumed = runs["resumed"]
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "4 elements, 0 finished (skipped), 4 to run" in resumed.stdout
@@ -247,7 +257,7 @@ def test_report_of_the_local_sweep(local_sweep):
     assert [r["optim.lr"] for r in rows] == ["0.01", "0.02"]
     for row in rows:
         scores = expected[row["optim.lr"]]
-        assert row["n"] == "2" and float(row["mean"]) == statistics.fmean(scores)
+        assert row["metric"] == "val/top1" and row["n"] == "2" and float(row["mean"]) == statistics.fmean(scores)
         assert float(row["std"]) == statistics.stdev(scores)
         assert (float(row["min"]), float(row["max"])) == (min(scores), max(scores))
     best = max(expected, key=lambda lr: statistics.fmean(expected[lr]))
