@@ -391,12 +391,8 @@ def run_local(sweep_dir: Path, manifest: dict, max_parallel: int) -> int:
         for s, handler in previous.items():
             signal.signal(s, handler)
     counts = {s: list(runner.results.values()).count(s) for s in ("finished", "preempted", "failed", "not started")}
-    print(
-        f"sweep {sweep_dir}: "
-        + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
-        + (" (nothing to run)" if not todo else ""),
-        flush=True,
-    )
+    done = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+    print(f"sweep {sweep_dir}: {done or 'nothing to run, every element is finished'}", flush=True)
     print(f"sweep: results with `ddp-finetune sweep-report {sweep_dir}`", flush=True)
     if counts["failed"]:
         failed = [n for n, s in runner.results.items() if s == "failed"]
@@ -614,7 +610,7 @@ def _draw(path: Path, rows: list[Setting], swept: list[str], key: str) -> Path:
         order = list(dict.fromkeys(s.values[k] for s in rows))
         nums = _numeric(order)
         xs = dict(zip(order, nums if nums else range(len(order))))
-        if nums and min(nums) > 0 and max(nums) / min(nums) >= 100:
+        if nums and min(nums) > 0 and max(nums) / min(nums) >= 10:
             ax.set_xscale("log")  # learning rates and the like span decades
         groups: dict[tuple, list[Setting]] = {}
         for s in rows:
@@ -633,6 +629,7 @@ def _draw(path: Path, rows: list[Setting], swept: list[str], key: str) -> Path:
                 ax.scatter([xs[s.values[k]]] * len(s.scores), s.scores, s=10, color=line.get_color())
         if not nums:
             ax.set_xticks(list(xs.values()), order)
+        ax.set_title("mean over seeds; band: min to max; dots: each run", fontsize="small")
         ax.set_xlabel(k)
         ax.set_ylabel(f"val/{key}")
         if len(groups) > 1:
