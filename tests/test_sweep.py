@@ -9,7 +9,8 @@ skip everything; its report is checked against the elements' summary.json. The s
 submitted as a job array (a stand-in sbatch records the submission, the array tasks run through
 the real slurm/cpu.sbatch with a stand-in srun), another element preempted by SLURM's warning
 signal and requeued: its report must equal the local sweep's byte for byte. On a real SLURM
-cluster (`-m slurm`, slurm/local/) the same array runs end to end.
+cluster (`-m slurm`, slurm/local/) the same array runs end to end. A failed element (two run at
+once) is recorded, reported and retried.
 """
 
 from __future__ import annotations
@@ -421,3 +422,29 @@ def test_job_array_on_a_real_cluster(setup, local_sweep, tmp_path_factory):
     for folder in (out, local_sweep[0]):
         assert run([sys.executable, "-m", "ddp_finetune", "sweep-report", str(folder)]).returncode == 0
     assert (out / "results.csv").read_text() == (local_sweep[0] / "results.csv").read_text()
+
+
+@pytest.mark.slow
+def test_a_failed_element_is_recorded_and_the_others_still_run(setup, tmp_path):
+    """Two elements at once; the second stops at start-up with a UserError (a batch larger than the
+    data): the sweep exits 1 naming it, its failed.json holds the error line, the report lists it, and a re-run
+    retries only it."""
+    out = tmp_path / "sw"
+    cmd = [sys.executable, "-m", "ddp_finetune", "sweep", str(setup), "train.batch_size=8,1000", "train.max_steps=1",
+           "--max-parallel", "2", "--out", str(out)]  # fmt: skip
+    proc = run(cmd)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert (
+        "2 to run, 2 at a time" in proc.stdout
+        and "batch_size-1000: FAILED (exit 2)" in proc.stdout
+        and "failed: batch_size-1000" in proc.stdout
+    )
+    failed = json.loads((out / "batch_size-1000" / "failed.json").read_text())
+    assert failed["exit_code"] == EXIT_USER_ERROR and "train.batch_size=1000" in failed["last_line"]
+    assert status_of(out / "batch_size-8") == "finished" and status_of(out / "batch_size-1000") == "failed"
+    result = report(out)
+    assert [s.stats()["n"] for s in result["settings"]] == [1, 0]
+    assert result["missing"] == [("batch_size-1000", "failed", failed["last_line"])]
+    assert "- batch_size-1000: failed (ddp-finetune: error: the training split has" in (out / "results.md").read_text()
+    again = run(cmd)
+    assert again.returncode == 1 and "1 finished (skipped), 1 to run" in again.stdout, again.stdout
