@@ -173,6 +173,17 @@ run_job() {
     trap_stop_signals
     if [[ -n ${SETUP:-} ]]; then eval "$SETUP" || die "SETUP failed: $SETUP"; fi
     [[ -n $config ]] || die "no config given; usage: sbatch $template CONFIG.yaml [key=value ...]"
+    if [[ $config == *.json && -n ${SLURM_ARRAY_TASK_ID:-} ]]; then
+        # a task of `ddp-finetune sweep --slurm`'s job array: the argument is the sweep's manifest,
+        # and the task's element in it gives the config and overrides (one per line); a bad
+        # manifest or index is one error line from ddp-finetune itself
+        local element
+        element=$("$PYTHON" -m ddp_finetune sweep-element "$config" "$SLURM_ARRAY_TASK_ID") || exit "$EXIT_BAD_INPUT"
+        mapfile -t ELEMENT <<<"$element"
+        say "sweep element $SLURM_ARRAY_TASK_ID of $config"
+        config=${ELEMENT[0]}
+        set -- "${ELEMENT[@]:1}" "$@"
+    fi
     [[ -f $config && -r $config ]] ||
         die "config file '$config' does not exist on node ${SLURMD_NODENAME:-$(hostname)} (cwd $PWD); give a path on the shared filesystem"
     # resume is always automatic: a requeued job continues from its newest checkpoint

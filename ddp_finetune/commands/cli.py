@@ -302,6 +302,55 @@ def _pack(args) -> int:
     return 0
 
 
+def _sweep_options(parser) -> None:
+    parser.add_argument("--out", required=True, help="the sweep folder: sweep.json, one output_dir per element")
+    parser.add_argument("--seeds", default=None, help="seeds to sweep, last: 0-2 or 0,5,7 (default: the config's seed)")
+    parser.add_argument(
+        "--max-parallel", type=int, default=None, help="elements at once (default: 1 here; no limit with --slurm)"
+    )
+    parser.add_argument("--slurm", default=None, metavar="TEMPLATE", help="submit one job array with slurm/*.sbatch")
+    parser.add_argument(
+        "--sbatch",
+        default="",
+        metavar="OPTIONS",
+        help="with --slurm: more sbatch options, e.g. '-p gpu --time=2:00:00'",
+    )
+
+
+def _sweep(args) -> int:
+    from ddp_finetune.commands.sweep import sweep_command
+
+    return sweep_command(args.config, args.overrides, args.seeds, args.out, args.slurm, args.max_parallel, args.sbatch)
+
+
+def _sweep_report_options(parser) -> None:
+    parser.add_argument("--metric", default=None, help="validation metric (default: val/top1, val/mean_iou, ...)")
+    parser.add_argument(
+        "--mode", choices=("max", "min"), default=None, help="best is the max or min (default: by metric)"
+    )
+
+
+def _sweep_report(args) -> int:
+    from ddp_finetune.commands.sweep import report_command
+
+    if args.overrides:
+        raise UserError(f"sweep-report takes no key=value overrides (got {' '.join(args.overrides)})")
+    return report_command(args.sweep_dir, args.metric, args.mode)
+
+
+def _sweep_element(args) -> int:
+    from ddp_finetune.commands.sweep import element_args
+
+    if args.overrides:
+        raise UserError(f"sweep-element takes no key=value overrides (got {' '.join(args.overrides)})")
+    try:
+        index = int(args.index)
+    except ValueError:
+        raise UserError(f"element index {args.index!r} is not a number (SLURM_ARRAY_TASK_ID)") from None
+    print("\n".join(element_args(args.manifest, index)), flush=True)
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "init": Command("write a commented starter config for a task", _init, _init_options, takes_config=False),
     "config": Command("print the resolved config a run would write, and validate it, without training", _config),
@@ -356,6 +405,27 @@ COMMANDS: dict[str, Command] = {
             Positional("out", "OUT", "the new dataset folder (never overwritten)"),
         ),
     ),
+    "sweep": Command(
+        "run a grid of trainings (key=v1,v2 ..., --seeds): here, K at a time, or as one SLURM job array; resumable",
+        _sweep,
+        _sweep_options,
+    ),
+    "sweep-report": Command(
+        "results of a sweep: per setting the metric's mean, std, min, max over seeds; results.csv, .md, .png",
+        _sweep_report,
+        _sweep_report_options,
+        takes_config=False,
+        positionals=(Positional("sweep_dir", "SWEEP_DIR", "the --out folder of a sweep"),),
+    ),
+    "sweep-element": Command(
+        "print the config and overrides of one sweep element, one a line (what a SLURM array task trains)",
+        _sweep_element,
+        takes_config=False,
+        positionals=(
+            Positional("manifest", "SWEEP_JSON", "a sweep's sweep.json (or its folder)"),
+            Positional("index", "INDEX", "the element's index (SLURM_ARRAY_TASK_ID)"),
+        ),
+    ),
 }
 
 
@@ -382,6 +452,9 @@ After training (RUN is the run's output_dir):
   {PROG} predict RUN photos/ --out predictions.csv
   {PROG} plot RUN [RUN ...] --out curves.png
   {PROG} export RUN --format onnx
+A grid of runs, resumable, here or as one SLURM job array (--slurm slurm/cpu.sbatch):
+  {PROG} sweep my_run.yaml optim.lr=0.01,0.03 --seeds 0-2 --out sweeps/lr
+  {PROG} sweep-report sweeps/lr        # results.csv, results.md, results.png
 Configs shipped inside the package are @NAME, e.g. `{PROG} train @digits_source`.
 Help on a command: {PROG} COMMAND -h""",
         formatter_class=argparse.RawDescriptionHelpFormatter,
