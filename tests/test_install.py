@@ -66,8 +66,11 @@ def test_the_wheel_ships_the_configs_and_runs_the_demo_from_another_folder(insta
     assert (tmp_path / "my_run.yaml").read_text().startswith("# ddp-finetune train my_run.yaml")
 
     demo = _run(
-        [bin_dir / "ddp-finetune", "demo", "train.max_steps=1", "log.progress_bar=false"], tmp_path, env, timeout=900
+        [bin_dir / "ddp-finetune", "demo", "--seeds", "0", "train.max_steps=1", "log.progress_bar=false"],
+        tmp_path,
+        env,
+        timeout=900,
     )
-    assert "| fine-tuned from source weights |" in demo.stdout
-    results = json.loads((tmp_path / "runs" / "demo" / "results.json").read_text())
-    assert results["fine-tuned from source weights"]["steps"] == 1
+    assert "| seed | fine-tuned top-1 | from scratch top-1 | difference |" in demo.stdout
+    summary = json.loads((tmp_path / "runs" / "demo" / "summary.json").read_text())
+    assert [r["seed"] for r in summary["seeds"]] == [0] and set(summary["seeds"][0]) >= {"fine-tuned", "from scratch"}
