@@ -93,7 +93,6 @@ def _step_values(record: dict) -> dict[str, float]:
 
 def compare(a: Run, b: Run, tolerance: float) -> Comparison:
     """Per step (loss, gradient norm, lrs; then the micro-batch losses) and at the end (every tensor)."""
-    import torch
 
     out = Comparison()
     for step, (ra, rb) in enumerate(zip(a.records, b.records), start=1):
@@ -114,8 +113,9 @@ def compare(a: Run, b: Run, tolerance: float) -> Comparison:
             out.first_tensor = out.first_tensor or name
             out.tensor_max = math.inf
             continue
-        if not ta.is_floating_point():
-            d = 0.0 if torch.equal(ta, tb) else math.inf
+        if not ta.is_floating_point():  # counters (BatchNorm's num_batches_tracked): relative to the count
+            diff = (ta.double() - tb.double()).abs().max().item() if ta.numel() else 0.0
+            d = diff / max(ta.double().abs().max().item() if ta.numel() else 0.0, 1.0)
         else:
             diff = (ta.double() - tb.double()).abs().max().item() if ta.numel() else 0.0
             d = diff / max(ta.double().abs().max().item() if ta.numel() else 0.0, 1e-12)
@@ -163,7 +163,9 @@ def likely_causes(cfg: Config, against: Comparison, scale: Comparison, cuda: boo
                 f"a loss that is not synchronized: loss.name={cfg.loss.name} with loss.sync=false takes each rank's "
                 "ratio of sums, not the global batch's; set loss.sync=true"
             )
-        if against.micro_first_step is not None:
+        # a synchronized built-in loss gives every rank the global value, so only an unsynchronized
+        # loss's micro-batch values can be compared between the runs
+        if against.micro_first_step is not None and (user_loss or not cfg.loss.sync):
             causes.append(
                 f"randomness that depends on the rank: at step {against.micro_first_step} the same micro-batch gave "
                 "another loss on another rank (a module or loss drawing from a generator seeded by the rank, or "
@@ -178,7 +180,9 @@ def likely_causes(cfg: Config, against: Comparison, scale: Comparison, cuda: boo
             )
     if not causes:
         causes.append(
-            "not one of the known causes (BatchNorm per rank, an unsynchronized loss, rank-dependent randomness); "
+            "not one of the known causes (BatchNorm per rank, an unsynchronized loss, rank-dependent randomness; "
+            "dropout and stochastic depth draw their masks per rank: the same training in distribution, not in "
+            "numbers); "
             "rerun with --out DIR and compare the three runs' metrics.jsonl and final/ weights"
         )
     return causes
