@@ -19,11 +19,33 @@ from pathlib import Path
 
 
 def unique_tag() -> str:
-    """The host, the pid and a random part: two processes (two commands into one --out, or the ranks of
-    one job on hosts that share a file system, where pids can repeat) never pick the same temporary name.
-    (Not the rank: only distributed.py reads the launcher's variables, and the host + pid already tell
-    two ranks apart.)"""
-    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+    """`<pid>-<random>-<host>`: two processes (two commands into one --out, or the ranks of one job on hosts
+    that share a file system, where pids can repeat) never pick the same temporary name, and a leftover
+    names its owner (`tag_owner`). Not the rank: only distributed.py reads the launcher's variables, and
+    the pid and host already tell two ranks apart."""
+    return f"{os.getpid()}-{secrets.token_hex(4)}-{socket.gethostname()}"
+
+
+def tag_owner(tag: str) -> tuple[int | None, str]:
+    """(pid, host) of a `unique_tag`; pid None when the tag is not one."""
+    pid, _, rest = tag.partition("-")
+    host = rest.partition("-")[2]
+    return (int(pid), host) if pid.isdigit() and host else (None, host)
+
+
+def owner_is_gone(tag: str) -> bool:
+    """Whether the process that made `tag` is known to be gone: made on this host by a pid that is not running.
+    A tag from another host, or not a tag, is never taken for a dead one's."""
+    pid, host = tag_owner(tag)
+    if pid is None or host != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def temporary_path(path) -> Path:

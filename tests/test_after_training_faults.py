@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -182,11 +183,14 @@ def test_two_predict_writers_into_one_out_never_share_a_temporary_file(folder, t
 def test_segmentation_staging_is_per_run(tmp_path):
     seg = make_model_folder(tmp_path / "seg", "lraspp_mobilenet_v3_large", "segmentation", ("bg", "a"), image_size=32)
     card = load_model_folder(seg).card
-    dead = tmp_path / "masks" / ".partial-predict-999999999-0-abcd"  # a killed run's (no such pid)
+    host = socket.gethostname()
+    dead = tmp_path / "masks" / f".partial-predict-999999999-abcd-{host}"  # a killed run's (no such pid)
+    elsewhere = tmp_path / "masks" / ".partial-predict-999999999-abcd-another-host"  # unknown: kept
     (dead / "x").mkdir(parents=True)
+    (elsewhere / "x").mkdir(parents=True)
     a, b = Writer(tmp_path / "masks", card, Options(), []), Writer(tmp_path / "masks", card, Options(), [])
     assert a.staging != b.staging and a.staging.is_dir() and b.staging.is_dir()  # b did not delete a's
-    assert not dead.exists()
+    assert not dead.exists() and elsewhere.exists()
     a.abandon()
     b.abandon()
 

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from ddp_finetune.files import temporary_path, unique_tag
+from ddp_finetune.files import owner_is_gone, temporary_path, unique_tag
 from ddp_finetune.models.folder import ModelCard
 
 CSV_NAME = "predictions.csv"  # the file written when --out is a folder
-STAGING = ".partial-predict"  # masks are written in STAGING-<pid>-<rank>-<random>, then moved into place
+STAGING = ".partial-predict"  # masks are written in STAGING-<files.unique_tag()>, then moved into place
 
 
 def palette(n: int) -> list[tuple[int, int, int]]:
@@ -110,20 +110,13 @@ def csv_rows(card: ModelCard, opts: Options, logits: torch.Tensor) -> list[list]
 
 
 def _remove_dead_staging(out: Path) -> None:
-    """Staging folders left by killed predict runs on this host (their pid is gone); another live run's stays."""
+    """Staging folders left by killed predict runs on this host (their pid is gone); another live run's, or
+    another host's, stays."""
     if not out.is_dir():
         return
-    for folder in out.glob(f"{STAGING}*"):
-        pid = folder.name[len(STAGING) :].lstrip("-").split("-")[0]
-        try:
-            if pid:
-                os.kill(int(pid), 0)
-                continue  # alive (or a pid reused): leave it
-        except (ProcessLookupError, ValueError):
-            pass
-        except PermissionError:
-            continue  # alive, another user's
-        shutil.rmtree(folder, ignore_errors=True)
+    for folder in out.glob(f"{STAGING}-*"):
+        if owner_is_gone(folder.name[len(STAGING) + 1 :]):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 class Writer:
