@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 # (name, overrides): each row adds its overrides to all the rows above it
 ELEMENTS = [
     ("baseline", []),
-    ("+ augmentation policy", ["data.policy=trivialaugment"]),
+    ("+ augmentation (crop, flip, TrivialAugment)", ["data.augment=true", "data.policy=trivialaugment"]),
     ("+ Mixup / CutMix", ["data.mixup_alpha=0.2", "data.cutmix_alpha=1.0"]),
     ("+ EMA", ["train.ema_decay=0.9", "train.final_weights=ema"]),
     ("+ best model", ["train.monitor=val_ema/top1", "train.eval_every_n_steps=10"]),

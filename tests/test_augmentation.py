@@ -239,3 +239,16 @@ def test_binary_and_multilabel_targets_mix_as_they_are(tmp_path):
     i, j = labels.index(0.0), labels.index(1.0)
     x, t = train[(0, i, 0, j, 0)]
     assert t.shape == (1,) and 0.0 < t.item() < 1.0  # the partner's share of "yes"
+
+
+@pytest.mark.parametrize(
+    "key, value", [("policy", "trivialaugment"), ("color_jitter", "0.3"), ("random_erasing", "0.5")]
+)
+def test_an_augmentation_key_without_augment_is_refused_not_ignored(tmp_path, key, value):
+    """Set with data.augment=false they would silently do nothing (a benchmark row measured nothing so)."""
+    from ddp_finetune.config import load_config
+    from ddp_finetune.errors import UserError
+
+    with pytest.raises(UserError, match=f"data.{key}=.* has no effect with data.augment=false"):
+        load_config(None, [f"data.path={tmp_path}", "data.augment=false", f"data.{key}={value}"])
+    load_config(None, [f"data.path={tmp_path}", "data.augment=true", f"data.{key}={value}"])

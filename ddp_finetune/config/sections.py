@@ -135,6 +135,16 @@ class DataConfig:
         _range("data.mix_prob", self.mix_prob, 0.0, 1.0)
         _range("data.mix_switch_prob", self.mix_switch_prob, 0.0, 1.0)
         _positive("data.policy_ops", self.policy_ops)
+        if not self.augment:  # these only act inside the augmentation: set without it, they would do nothing
+            for key, value, off in (
+                ("policy", self.policy, "none"),
+                ("color_jitter", self.color_jitter, 0),
+                ("random_erasing", self.random_erasing, 0),
+            ):
+                if value != off:
+                    raise UserError(
+                        f"data.{key}={value} has no effect with data.augment=false; set data.augment=true, or remove it"
+                    )
         for key in ("mixup_alpha", "cutmix_alpha"):
             if getattr(self, key) < 0:
                 raise UserError(f"data.{key}={getattr(self, key)} is negative; use 0 (off) or a positive alpha")
