@@ -115,17 +115,23 @@ def test_the_image_check_is_cached_per_dataset(tmp_path, image_folder, hf_cache,
     assert len(calls) > 24
 
 
-def test_the_image_check_decodes_on_every_cpu_of_the_rank(tmp_path, hf_cache, monkeypatch):
-    """A share of more than 2 chunks goes to a pool of `usable_cpus` processes: the same bad rows,
-    in the same order, as one process finds."""
+@pytest.mark.parametrize("source", ["imagefolder", "disk"])
+def test_the_image_check_decodes_on_every_cpu_of_the_rank(tmp_path, hf_cache, monkeypatch, source):
+    """A share of 256 rows or more goes to a pool of `usable_cpus` processes, which read the rows
+    from the split's own table (paths of a folder, bytes of packed data): the same bad rows, in the
+    same order, as one process finds."""
     from ddp_finetune import distributed as dist_utils
     from ddp_finetune.data import image_check
+    from ddp_finetune.data.pack import pack_folder
 
-    root = make_image_folder(tmp_path / "many", classes=("a", "b"), per_class=560, size=4)
-    broken = [root / "a" / "7.png", root / "b" / "500.png"]
+    root = make_image_folder(tmp_path / "many", classes=("a", "b"), per_class=300, size=4)
+    broken = [root / "a" / "7.png", root / "b" / "250.png"]
     for f in broken:
         f.write_bytes(b"")
-    cfg = config_from_dict({"data": {"path": str(root), "val_split": "train"}, "output_dir": str(tmp_path)})
+    path = root if source == "imagefolder" else pack_folder(root, tmp_path / "packed").out
+    cfg = config_from_dict(
+        {"data": {"path": str(path), "source": source, "val_split": "train"}, "output_dir": str(tmp_path)}
+    )
     splits = load_splits(cfg.data, 0)
     pools = []
     real_pool = image_check._pool
@@ -133,8 +139,14 @@ def test_the_image_check_decodes_on_every_cpu_of_the_rank(tmp_path, hf_cache, mo
     monkeypatch.setattr(dist_utils, "usable_cpus", lambda: (2, "test"))
     assert image_check.check_workers() == 2
     found, fresh = image_check._check_split("train", splits.train, image_check._columns(cfg, splits.train))
-    assert fresh and pools == [2]
-    assert [b.name for b in found] == [str(f) for f in broken] and all("empty file" in b.reason for b in found)
+    assert fresh and pools == [2] and image_check._SHARED is None
+    folder_ds = load_splits(config_from_dict({"data": {"path": str(root), "val_split": "train"}}).data, 0).train
+    paths = [v["path"] for v in folder_ds.select_columns(["image"]).with_format("arrow")["image"].to_pylist()]
+    assert [b.row for b in found] == sorted(paths.index(str(f)) for f in broken)  # packing keeps the rows
+    if source == "imagefolder":
+        assert [b.name for b in found] == [str(f) for f in broken] and all("empty file" in b.reason for b in found)
+    else:  # the bytes are stored with the file's name
+        assert [b.name for b in found] == [f.name for f in broken]
     monkeypatch.setattr(dist_utils, "usable_cpus", lambda: (1, "test"))
     one = image_check._scan("train", splits.train, image_check._columns(cfg, splits.train), 0, len(splits.train))
     assert one == found and image_check._pool(1, len(splits.train)) is None

@@ -23,7 +23,6 @@ import dataclasses
 import hashlib
 import json
 import time
-from collections import deque
 from pathlib import Path
 
 from ddp_finetune import distributed as dist_utils
@@ -34,7 +33,8 @@ from ddp_finetune.files import atomic_write_text
 
 CHECK_VERSION = 1  # bump when image_problem changes what it refuses: old cache entries no longer match
 BAD_LIST = "bad_images.txt"
-_CHUNK = 512  # rows read from the arrow table at a time
+_CHUNK = 512  # at most this many rows read from the arrow table at a time
+_POOL_ROWS = 256  # a share below this is decoded in the process itself (a pool's start costs ~25 ms)
 _SHOWN = 3  # files named in the error line
 
 
@@ -134,8 +134,24 @@ def check_workers() -> int:
     return max(1, dist_utils.usable_cpus()[0] // dist_utils.local_world_size())
 
 
-def _problems(values: list, rgb: bool) -> list[str | None]:
-    return [image_problem(v, rgb) for v in values]
+# What the forked pool reads: the table of the split being checked (memory-mapped or in memory, shared
+# with the children by `fork`, never pickled), its columns and name. Set only while a check runs.
+_SHARED: tuple | None = None
+
+
+def _check_rows(start: int, stop: int) -> list[BadImage]:
+    """The bad images among rows [start, stop) of the shared table: the pool's task, and the whole
+    check on one CPU. Only row numbers travel to a child and only bad images back."""
+    table, columns, name = _SHARED
+    chunk = table[start:stop]
+    bad = []
+    for column, rgb in columns:
+        for offset, value in enumerate(chunk[column].to_pylist()):
+            problem = image_problem(value, rgb)
+            if problem:
+                row = start + offset
+                bad.append(BadImage(name, row, value_name(value, f"{name} row {row}, column {column!r}"), problem))
+    return bad
 
 
 def _pool(workers: int, rows: int):
@@ -143,11 +159,12 @@ def _pool(workers: int, rows: int):
     gain on 32 px JPEGs), or None: one CPU, a share too small to pay for the start, or no `fork`."""
     import multiprocessing
 
-    if workers < 2 or rows < 2 * _CHUNK or "fork" not in multiprocessing.get_all_start_methods():
+    if workers < 2 or rows < _POOL_ROWS or "fork" not in multiprocessing.get_all_start_methods():
         return None
     from concurrent.futures import ProcessPoolExecutor
 
-    # fork: the children only run Pillow on the values they are sent (no CUDA, no process group)
+    # fork: the children only read the shared table and run Pillow (no CUDA, no process group); a fork
+    # pool starts all its children at the first task, after `_SHARED` is set
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
 
 
@@ -167,42 +184,26 @@ def _progress(name: str, rows: int):
 
 
 def _scan(name: str, ds, columns, lo: int, hi: int) -> list[BadImage]:
+    """The bad images of rows [lo, hi) of one split, in row order, decoded by `check_workers()` processes."""
+    global _SHARED
     table = ds.select_columns([c for c, _ in columns]).with_format("arrow")
     workers = check_workers()
-    pool = _pool(workers, hi - lo)
+    size = max(1, min(_CHUNK, -(-(hi - lo) // (8 * workers))))  # >= 8 tasks per process: an even finish
+    starts = range(lo, hi, size)
+    stops = [min(s + size, hi) for s in starts]
     bad = []
-
-    def report(start, column, values, problems):
-        for offset, (value, problem) in enumerate(zip(values, problems)):
-            if problem:
-                row = start + offset
-                bad.append(BadImage(name, row, value_name(value, f"{name} row {row}, column {column!r}"), problem))
-
-    with _progress(name, (hi - lo) * len(columns)) as bar:
-        if pool is None:
-            for start in range(lo, hi, _CHUNK):
-                chunk = table[start : min(start + _CHUNK, hi)]
-                for column, rgb in columns:
-                    values = chunk[column].to_pylist()
-                    report(start, column, values, _problems(values, rgb))
-                    bar.update(len(values))
-            return bad
-        # a bounded number of chunks in flight: a packed dataset's bytes are never all in memory at once
-        with pool:
-            pending = deque()
-            for start in range(lo, hi, _CHUNK):
-                chunk = table[start : min(start + _CHUNK, hi)]
-                for column, rgb in columns:
-                    values = chunk[column].to_pylist()
-                    pending.append((start, column, values, pool.submit(_problems, values, rgb)))
-                while len(pending) > 4 * workers:
-                    start_, column_, values_, future = pending.popleft()
-                    report(start_, column_, values_, future.result())
-                    bar.update(len(values_))
-            while pending:
-                start_, column_, values_, future = pending.popleft()
-                report(start_, column_, values_, future.result())
-                bar.update(len(values_))
+    _SHARED = (table, columns, name)
+    pool = _pool(workers, hi - lo)
+    try:
+        with _progress(name, (hi - lo) * len(columns)) as bar:
+            results = map(_check_rows, starts, stops) if pool is None else pool.map(_check_rows, starts, stops)
+            for start, stop, found in zip(starts, stops, results):
+                bad += found
+                bar.update((stop - start) * len(columns))
+    finally:
+        _SHARED = None
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     return bad
 
 
