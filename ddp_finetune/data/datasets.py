@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
+from ddp_finetune.data.checks import column_values
 from ddp_finetune.data.images import as_byte_tensor, decode_rgb, image_bytes, is_jpeg, jpeg_size, mask_array, read_row
 from ddp_finetune.data.mixing import Mixing, mix_rng
 from ddp_finetune.data.sources import Classes, Splits
@@ -87,7 +88,7 @@ class ImageDataset(Dataset):
 
     def class_indices(self) -> list[int]:
         """Every sample's class index, in order (`data.sampler: balanced`)."""
-        return [self._index(label) for label in self.ds[self.label_column]]
+        return [self._index(label) for label in column_values(self.ds, self.label_column)]
 
     def target(self, label):
         if self.task == "multilabel":

@@ -17,7 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ddp_finetune.data.checks import IMAGE_SUFFIXES as _IMAGE_SUFFIXES
-from ddp_finetune.data.checks import check_labels, column_values, empty_class_folders, explain_missing_labels
+from ddp_finetune.data.checks import (
+    check_labels,
+    column_array,
+    column_values,
+    empty_class_folders,
+    explain_missing_labels,
+)
 from ddp_finetune.data.images import mask_array
 from ddp_finetune.errors import UserError, first_line
 
@@ -267,7 +273,7 @@ def _stratified_split(ds, column: str, fraction: float, seed: int) -> dict | Non
 
     n_test = math.ceil(fraction * len(ds))
     n_train = len(ds) - n_test
-    labels = ds.select_columns([column]).with_format("arrow")[:][column]
+    labels = column_array(ds, column)
     if n_train <= 0 or n_test <= 0 or labels.null_count:
         return None
     try:
