@@ -19,42 +19,17 @@ from typing import Any, Literal
 import yaml
 
 from ddp_finetune.config.parsing import (
-    SHIPPED_PREFIX,
     build_section,
     check_types,
-    config_source,
-    flow_yaml,
     load_yaml,
     parse_override,
     set_dotted,
-    shipped_configs,
     validate_key_path,
 )
 from ddp_finetune.config.parsing import reference_rows as _reference_rows
 from ddp_finetune.errors import UserError
 from ddp_finetune.losses.kinds import Accumulation as LossAccumulation
 from ddp_finetune.losses.kinds import Mode as LossMode
-
-__all__ = [
-    "SHIPPED_PREFIX",
-    "CheckpointConfig",
-    "Config",
-    "DataConfig",
-    "LogConfig",
-    "LossConfig",
-    "ModelConfig",
-    "OptimConfig",
-    "ScheduleConfig",
-    "TrainConfig",
-    "config_from_dict",
-    "config_source",
-    "dump_config",
-    "flow_yaml",
-    "load_config",
-    "load_yaml",
-    "reference_rows",
-    "shipped_configs",
-]
 
 
 @dataclass
