@@ -108,3 +108,39 @@ def test_pack_command_refuses_an_existing_out_and_overrides(tmp_path, packed):
     assert "packed 24 train images" in proc.stdout and "data.source=disk" in proc.stdout
     assert datasets.load_from_disk(str(tmp_path / "new"))["train"].num_rows == 24
     assert not list(tmp_path.glob(".new.partial-*")), "no temporary folder left"
+
+
+def test_pack_refuses_an_out_inside_the_folder_and_a_bad_shard_size_before_reading_an_image(tmp_path, monkeypatch):
+    """OUT inside FOLDER would make the packed copy part of the image folder (the next start would read
+    its `train/` as a split); both refusals come before any image is read, as one line with exit 2."""
+    from ddp_finetune.data import sources
+
+    folder = make_image_folder(tmp_path / "images", per_class=2, size=8)
+    read = []
+    monkeypatch.setattr(sources, "load_dataset_dict", lambda *a, **k: read.append(a))
+    with pytest.raises(UserError, match=r"OUT .*packed is inside FOLDER .*images: .*give an OUT outside it"):
+        pack_folder(folder, folder / "packed")
+    with pytest.raises(UserError, match=r"OUT .* is inside FOLDER"):
+        pack_folder(folder, folder / "cat" / "deeper" / "packed")
+    for size in ("12QB", "0", "-5MB", "lots"):
+        with pytest.raises(UserError, match=rf"--max-shard-size '{size}' is not a size; give a positive size"):
+            pack_folder(folder, tmp_path / "out", max_shard_size=size)
+    assert not read and not (folder / "packed").exists() and not (tmp_path / "out").exists()
+    for args in ((folder, folder / "packed"), (folder, tmp_path / "out", "--max-shard-size", "12QB")):
+        proc = run_cli("pack", *args, check=False)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_a_folder_holding_a_packed_copy_is_one_line_not_a_traceback(tmp_path, packed):
+    """A packed copy moved into the image folder (its `train/` folder is a split by `datasets`' rules, one
+    without images): training from the folder stops with one line that says what to move."""
+    import shutil
+
+    folder, report = packed
+    mixed = tmp_path / "mixed"
+    shutil.copytree(folder, mixed)
+    shutil.copytree(report.out, mixed / "packed")
+    proc = run_cli("train", tiny_config(tmp_path, mixed), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"data.path={str(mixed)!r} cannot be read as an image folder" in proc.stderr
+    assert "move other data (a packed copy, notes) out of the folder" in proc.stderr

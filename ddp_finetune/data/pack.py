@@ -51,6 +51,19 @@ def _embed(batch, columns, root):
     return out
 
 
+def _shard_size(size):
+    """`--max-shard-size` as `save_to_disk` takes it (an integer of bytes, or e.g. "500MB"), checked before
+    any image is read."""
+    from datasets.utils.py_utils import convert_file_size_to_int
+
+    try:
+        if convert_file_size_to_int(size) > 0:
+            return size
+    except (ValueError, TypeError):
+        pass
+    raise UserError(f"--max-shard-size {size!r} is not a size; give a positive size such as 500MB or 2GB")
+
+
 def pack_folder(folder, out, task: str = "classification", max_shard_size: str = "500MB", num_proc: int | None = None):
     import datasets
 
@@ -63,6 +76,12 @@ def pack_folder(folder, out, task: str = "classification", max_shard_size: str =
     folder, out = Path(folder), Path(out)
     if out.exists():
         raise UserError(f"{out} exists; pack never overwrites: give a new OUT folder, or delete it first")
+    if folder.is_dir() and out.resolve().is_relative_to(folder.resolve()):
+        raise UserError(
+            f"OUT {out} is inside FOLDER {folder}: the packed files would become part of the image folder; "
+            "give an OUT outside it, e.g. next to it"
+        )
+    max_shard_size = _shard_size(max_shard_size)
     start = time.perf_counter()
     data_cfg = DataConfig(source="imagefolder", path=str(folder))
     raw = load_dataset_dict(data_cfg, task)

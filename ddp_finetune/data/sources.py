@@ -87,6 +87,13 @@ def _load_raw(data_cfg):
                     f"data.path={path!r} holds no images ({', '.join(_IMAGE_SUFFIXES)}); "
                     "imagefolder wants one folder per class, path/<class>/<image>"
                 ) from None
+            except (ValueError, OSError) as exc:  # the layout `datasets`' own rules read, and they refuse it
+                raise UserError(
+                    f"data.path={path!r} cannot be read as an image folder ({first_line(exc)[:200]}): a folder or "
+                    "file named like a split (train, validation, val, test, ...) anywhere below it makes a split, "
+                    "and every split must hold images; move other data (a packed copy, notes) out of the folder, "
+                    "or keep to path/[<split>/]<class>/<image>"
+                ) from None
         if source == "disk":
             try:
                 return datasets.load_from_disk(str(path))
