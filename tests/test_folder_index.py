@@ -205,3 +205,34 @@ def test_the_label_range_check_in_arrow_finds_what_the_row_by_row_check_finds(tm
     else:
         with pytest.raises(UserError, match=error):
             check_labels("classification", splits, classes, "label")
+
+
+def test_an_index_cache_that_cannot_be_written_costs_only_the_next_start(tmp_path, hf_cache, monkeypatch):
+    """A full disk in the middle of the cache write (or a read-only cache): the index is still used, no
+    half-written or temporary file is left, and the next start walks and indexes the folder again."""
+    import pyarrow as pa
+
+    root = make_image_folder(tmp_path / "images", per_class=3)
+    real = pa.ipc.new_file
+
+    class Full:
+        def __init__(self, sink, schema):
+            self.writer = real(sink, schema)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.writer.close()
+
+        def write_table(self, table):
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pa.ipc, "new_file", Full)
+    first = load_image_folder(root)
+    assert _paths(first["train"]) and first["train"]["label"]
+    cache_dir = hf_cache / folder_index._INDEX_DIR
+    assert list(cache_dir.iterdir()) == [], "no temporary or partial index file left"
+    monkeypatch.setattr(pa.ipc, "new_file", real)
+    assert folder_index.folder_index(root)[1] is False, "nothing cached: built again"
+    assert folder_index.folder_index(root)[1] is True

@@ -31,6 +31,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ddp_finetune.files import unique_tag
+
 INDEX_VERSION = 1  # bump when the walk or the split rules change: old cached indexes no longer match
 _INDEX_DIR = "ddp_finetune_folder_index"
 
@@ -251,14 +253,14 @@ def _save(path: Path, index: FolderIndex) -> None:
     meta = {"digest": index.digest, "class_names": index.class_names, "labelled": index.labels is not None}
     table = pa.table({"split": split_col, "path": path_col, "label": pa.array(label_col, pa.int64())})
     table = table.replace_schema_metadata({"ddp_finetune": json.dumps(meta)})
+    tmp = path.with_name(f".{path.name}.{unique_tag()}.tmp")  # ranks of nodes sharing the cache write it at once
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
             writer.write_table(table)
         os.replace(tmp, path)
-    except OSError:
-        pass
+    except (OSError, pa.ArrowException):  # read-only or full: nothing half-written is left
+        tmp.unlink(missing_ok=True)
 
 
 def _load(path: Path, digest: str) -> FolderIndex | None:
