@@ -677,3 +677,33 @@ def test_metrics_hold_each_record_once_after_a_kill_between_validation_and_check
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == sorted(
         r["step"] for r in read_metrics(tmp_path / "run")
     )
+
+
+def test_a_check_process_that_dies_is_one_line_naming_where_the_check_was(tmp_path, hf_cache, monkeypatch):
+    """A pool child killed by the system (out of memory) or crashed by a decoder fault breaks the pool:
+    one line naming the split, the row and the file the check had reached, not a BrokenProcessPool
+    traceback; nothing is cached, so the next start checks again."""
+    import os
+
+    from ddp_finetune import distributed as dist_utils
+    from ddp_finetune.data import image_check
+
+    root = make_image_folder(tmp_path / "many", classes=("a", "b"), per_class=200, size=4)
+    cfg = config_from_dict({"data": {"path": str(root), "val_split": "train"}, "output_dir": str(tmp_path)})
+    splits = load_splits(cfg.data, 0)
+    real = image_check.image_problem
+    crash = str(root / "b" / "150.png")
+    # the children are forked: they run this, and the one that meets the file dies at once
+    monkeypatch.setattr(
+        image_check, "image_problem", lambda v, rgb: os._exit(9) if v["path"] == crash else real(v, rgb)
+    )
+    monkeypatch.setattr(dist_utils, "usable_cpus", lambda: (2, "test"))
+    with pytest.raises(
+        UserError,
+        match=r"a process of the start-up image check died while the check of the train "
+        r"split was at row \d+ of 400 \(.*many/[ab]/\d+\.png\): the system killed it .*fewer CPUs",
+    ):
+        image_check.check_images(cfg, splits, tmp_path)
+    assert image_check._SHARED is None
+    monkeypatch.setattr(image_check, "image_problem", real)
+    assert image_check.check_images(cfg, splits, tmp_path).notes, "not cached: checked again, and passes"

@@ -194,12 +194,24 @@ def _scan(name: str, ds, columns, lo: int, hi: int) -> list[BadImage]:
     bad = []
     _SHARED = (table, columns, name)
     pool = _pool(workers, hi - lo)
+    from concurrent.futures.process import BrokenProcessPool
+
+    done = lo
     try:
         with _progress(name, (hi - lo) * len(columns)) as bar:
             results = map(_check_rows, starts, stops) if pool is None else pool.map(_check_rows, starts, stops)
             for start, stop, found in zip(starts, stops, results):
                 bad += found
+                done = stop
                 bar.update((stop - start) * len(columns))
+    except BrokenProcessPool:
+        # a child killed (out of memory) or crashed (a decoder fault) takes its chunk with it: say where
+        first = value_name(table[done : done + 1][columns[0][0]].to_pylist()[0], f"{name} row {done}")
+        raise UserError(
+            f"a process of the start-up image check died while the check of the {name} split was at row {done} "
+            f"of {len(ds)} ({first}): the system killed it (out of memory?) or an image crashed its decoder, and the "
+            "rows from there on are unchecked; free memory, or start with fewer CPUs (SLURM_CPUS_PER_TASK, taskset)"
+        ) from None
     finally:
         _SHARED = None
         if pool is not None:
