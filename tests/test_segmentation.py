@@ -10,9 +10,11 @@ fcn_resnet50) and the only one without dropout, so 1 and 2 processes train bit-c
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import urllib.error
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -184,6 +186,37 @@ def test_split_folders_and_saved_dataset(tmp_path, mask_disk):
         "255",
         "loss.ignore_index=255",
     )
+
+
+def test_the_segmentation_folder_walk_keeps_the_layout_rules(tmp_path):
+    """One scandir of images/ and of masks/: images sorted by name, hidden and non-image files left out,
+    any case of suffix, each matched to masks/<stem>.png; two images of one stem, or no masks/ folder,
+    are one line; the splits' fingerprint follows a mask replaced in place (the image check's cache)."""
+    from ddp_finetune.data.sources import load_dataset_dict
+
+    root = make_mask_folder(tmp_path / "seg", n=4, image_suffix=".png")
+    (root / "images" / "003.png").rename(root / "images" / "003.PNG")
+    (root / "images" / ".hidden.png").write_bytes(b"")
+    (root / "images" / "notes.txt").write_text("not an image")
+    (root / "images" / "sub").mkdir()
+    cfg = seg_cfg(root)
+    ds = load_dataset_dict(cfg.data, "segmentation")["train"]
+    cells = ds.cast_column("image", datasets.Image(decode=False)).cast_column("mask", datasets.Image(decode=False))
+    images, masks = [c["path"] for c in cells["image"]], [c["path"] for c in cells["mask"]]
+    assert images == [f"{root}/images/{n}" for n in ("000.png", "001.png", "002.png", "003.PNG")]
+    assert masks == [f"{root}/masks/{i:03d}.png" for i in range(4)]
+    before = ds._fingerprint
+    assert load_dataset_dict(cfg.data, "segmentation")["train"]._fingerprint == before, "unchanged files: same"
+    mask = root / "masks" / "002.png"
+    Image.fromarray(np.full((32, 32), 1, np.uint8), "L").save(mask)
+    os.utime(mask, ns=(1, 1))  # another size and time
+    assert load_dataset_dict(cfg.data, "segmentation")["train"]._fingerprint != before
+
+    shutil.copy(root / "images" / "001.png", root / "images" / "001.jpg")
+    one_line_error(lambda: load_dataset_dict(cfg.data, "segmentation"), "001.jpg", "001.png", "share the mask")
+    (root / "images" / "001.jpg").unlink()
+    shutil.rmtree(root / "masks")
+    one_line_error(lambda: load_dataset_dict(cfg.data, "segmentation"), "masks/000.png is missing", "masks/<name>.png")
 
 
 def test_joint_augmentation_moves_image_and_mask_together(mask_folder):
