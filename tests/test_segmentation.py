@@ -219,6 +219,33 @@ def test_the_segmentation_folder_walk_keeps_the_layout_rules(tmp_path):
     one_line_error(lambda: load_dataset_dict(cfg.data, "segmentation"), "masks/000.png is missing", "masks/<name>.png")
 
 
+def test_the_mask_classes_are_read_once_per_data(tmp_path, monkeypatch):
+    """Without model.num_classes / data.class_names every training mask is read to count the classes:
+    on the first start only. A restart reads none (cached by the split's fingerprint), another
+    ignore_index or a changed mask reads them again, a damaged cache entry is read past."""
+    from ddp_finetune.data import sources
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    root = make_mask_folder(tmp_path / "seg", n=8, image_suffix=".png")
+    reads = []
+    real = sources.mask_array
+    monkeypatch.setattr(sources, "mask_array", lambda *a: reads.append(1) or real(*a))
+
+    def classes(*overrides):
+        cfg = seg_cfg(root, *overrides)
+        return decide_classes(cfg, load_splits(cfg.data, 0, "segmentation")).outputs
+
+    assert classes() == 3 and len(reads) == 6  # the 6 training masks
+    assert classes() == 3 and len(reads) == 6, "a restart reads no mask"
+    assert classes("loss.ignore_index=2") == 2 and len(reads) == 12  # another question: read again
+    for entry in (tmp_path / "hf-cache" / "ddp_finetune_mask_classes").iterdir():
+        entry.write_text("{not json")
+    assert classes() == 3 and len(reads) == 18
+    for mask in (root / "masks").iterdir():  # class 4 appears: the files changed, so the count is read again
+        Image.fromarray(np.full((32, 32), 4, np.uint8), "L").save(mask)
+    assert classes() == 5 and len(reads) == 24
+
+
 def test_joint_augmentation_moves_image_and_mask_together(mask_folder):
     cfg = seg_cfg(mask_folder, "data.augment=true")
     train, val, _, splits = datasets_of(cfg)

@@ -12,7 +12,9 @@ into (tensor, target) samples; `loaders.py` batches them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,7 @@ from ddp_finetune.data.checks import (
 )
 from ddp_finetune.data.images import mask_array
 from ddp_finetune.errors import UserError, first_line
+from ddp_finetune.files import atomic_write_text
 
 _VAL_NAMES = ("validation", "val", "valid", "test")
 _SEG_LAYOUT = "path/[<split>/]images/<name>.<ext> with path/[<split>/]masks/<name>.png"
@@ -358,14 +361,22 @@ def class_names(ds, label_column: str) -> tuple[list[str], str]:
 
 
 def scan_mask_classes(ds, mask_column: str, ignore_index: int | None) -> int:
-    """The masks' largest class index + 1 (at least 2), `ignore_index` left out. Reads every mask."""
-    top = -1
-    for i, row in enumerate(ds.select_columns([mask_column])):
-        values = mask_array(row[mask_column], f"training row {i}")
-        if ignore_index is not None:
-            values = values[values != ignore_index]
-        if values.size:
-            top = max(top, int(values.max()))
+    """The masks' largest class index + 1 (at least 2), `ignore_index` left out.
+
+    Reads every training mask on the first start on the data (on every rank: each meets the same bad
+    mask, if any); the largest value is then cached under the `datasets` cache, keyed by the split's
+    fingerprint (which follows the files of a folder), so a restart or requeue reads none. The main
+    process reads the cache and tells the others, so every rank takes the same path."""
+    from ddp_finetune import distributed as dist_utils
+
+    cache = _mask_cache_file(ds, mask_column, ignore_index)
+    top = dist_utils.broadcast_object(_read_mask_cache(cache) if dist_utils.is_main_process() else None)
+    if top is None:
+        top = _largest_mask_value(ds, mask_column, ignore_index)
+        if dist_utils.is_main_process() and cache is not None:
+            with contextlib.suppress(OSError):  # a read-only cache only costs the next start
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(cache, json.dumps({"top": top}))
     if top < 0:
         raise UserError(
             f"the training masks hold no pixel other than loss.ignore_index={ignore_index}; check data.mask_column and the masks"
@@ -376,6 +387,39 @@ def scan_mask_classes(ds, mask_column: str, ignore_index: int | None) -> int:
             "set loss.ignore_index=255, or model.num_classes / data.class_names if 255 is a class"
         )
     return max(top + 1, 2)
+
+
+def _largest_mask_value(ds, mask_column: str, ignore_index: int | None) -> int:
+    top = -1
+    for i, row in enumerate(ds.select_columns([mask_column])):
+        values = mask_array(row[mask_column], f"training row {i}")
+        if ignore_index is not None:
+            values = values[values != ignore_index]
+        if values.size:
+            top = max(top, int(values.max()))
+    return top
+
+
+_MASK_CACHE_VERSION = 1  # bump when mask_array changes what it reads
+
+
+def _mask_cache_file(ds, mask_column: str, ignore_index: int | None) -> Path | None:
+    fingerprint = getattr(ds, "_fingerprint", None)
+    if not fingerprint:
+        return None
+    import datasets
+
+    key = f"{_MASK_CACHE_VERSION}|{fingerprint}|{mask_column}|{ignore_index}"
+    name = hashlib.sha256(key.encode()).hexdigest()[:24]
+    return Path(datasets.config.HF_DATASETS_CACHE) / "ddp_finetune_mask_classes" / f"{name}.json"
+
+
+def _read_mask_cache(path: Path | None) -> int | None:
+    try:
+        top = json.loads(path.read_text())["top"]
+        return top if isinstance(top, int) else None
+    except (AttributeError, OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def decide_classes(cfg, splits: Splits) -> Classes:
