@@ -557,3 +557,22 @@ def test_frozen_backbone_keeps_backbone_bn_statistics_and_trains_the_head_bn(tmp
     assert backbone_bn and all(torch.equal(start[k], end[k]) for k in backbone_bn)
     assert not torch.equal(start["classifier.cbr.1.running_mean"], end["classifier.cbr.1.running_mean"])
     assert end["classifier.cbr.1.num_batches_tracked"] == 3
+
+
+@pytest.mark.slow
+def test_two_ranks_share_the_mask_scan_and_stop_alike_on_a_bad_mask(tmp_path):
+    """On a first start each rank reads its half of the training masks: the class count is the
+    global one, and a bad mask in the second rank's half stops both ranks with its one line."""
+    root = make_mask_folder(tmp_path / "seg", n=12, image_suffix=".png")
+    good = seg_config_file(tmp_path / "good", root, train={"epochs": 1, "batch_size": 4, "max_steps": 1})
+    proc = launch_2proc("train", good)
+    assert "world size 2" in proc.stdout and "3 classes (from the training masks' largest value + 1)" in proc.stdout
+    for mask in (root / "masks").iterdir():  # every mask RGB: the first one met on each rank is refused
+        Image.open(mask).convert("RGB").save(mask)
+    bad = seg_config_file(tmp_path / "bad", root, train={"epochs": 1, "batch_size": 4, "max_steps": 1})
+    proc = launch_2proc("train", bad, check=False)
+    # each rank ends on the same one line (rank 1 with the mask rank 0 met); the launcher then reports the exit
+    assert proc.returncode != 0, proc.stderr[-3000:]
+    line = "mask of training row 0 is a mode RGB image"
+    assert f"ddp-finetune: error: {line}" in proc.stderr and f"ddp-finetune: error: [rank 1] {line}" in proc.stderr
+    assert 'File "/' not in proc.stderr.split("exitcode")[0], "no traceback from a rank"

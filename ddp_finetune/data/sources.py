@@ -363,8 +363,9 @@ def class_names(ds, label_column: str) -> tuple[list[str], str]:
 def scan_mask_classes(ds, mask_column: str, ignore_index: int | None) -> int:
     """The masks' largest class index + 1 (at least 2), `ignore_index` left out.
 
-    Reads every training mask on the first start on the data (on every rank: each meets the same bad
-    mask, if any); the largest value is then cached under the `datasets` cache, keyed by the split's
+    Reads every training mask on the first start on the data, each rank its contiguous share; the
+    ranks gather their largest values and the first bad mask any of them met, so all of them end the
+    same way. The largest value is then cached under the `datasets` cache, keyed by the split's
     fingerprint (which follows the files of a folder), so a restart or requeue reads none. The main
     process reads the cache and tells the others, so every rank takes the same path."""
     from ddp_finetune import distributed as dist_utils
@@ -372,7 +373,13 @@ def scan_mask_classes(ds, mask_column: str, ignore_index: int | None) -> int:
     cache = _mask_cache_file(ds, mask_column, ignore_index)
     top = dist_utils.broadcast_object(_read_mask_cache(cache) if dist_utils.is_main_process() else None)
     if top is None:
-        top = _largest_mask_value(ds, mask_column, ignore_index)
+        rank, world = dist_utils.rank(), dist_utils.world_size()
+        lo, hi = len(ds) * rank // world, len(ds) * (rank + 1) // world
+        shares = dist_utils.gather_objects(_largest_mask_value(ds, mask_column, ignore_index, lo, hi))
+        errors = [error for _, error in shares if error]
+        if errors:
+            raise UserError(errors[0])
+        top = max(value for value, _ in shares)
         if dist_utils.is_main_process() and cache is not None:
             with contextlib.suppress(OSError):  # a read-only cache only costs the next start
                 cache.parent.mkdir(parents=True, exist_ok=True)
@@ -389,15 +396,20 @@ def scan_mask_classes(ds, mask_column: str, ignore_index: int | None) -> int:
     return max(top + 1, 2)
 
 
-def _largest_mask_value(ds, mask_column: str, ignore_index: int | None) -> int:
+def _largest_mask_value(ds, mask_column: str, ignore_index: int | None, lo: int, hi: int) -> tuple[int, str | None]:
+    """(the largest value of masks [lo, hi), -1 if none; the error of the first bad one, or None)."""
     top = -1
-    for i, row in enumerate(ds.select_columns([mask_column])):
-        values = mask_array(row[mask_column], f"training row {i}")
+    masks = ds.select_columns([mask_column])
+    for i in range(lo, hi):
+        try:
+            values = mask_array(masks[i][mask_column], f"training row {i}")
+        except UserError as exc:
+            return top, str(exc)
         if ignore_index is not None:
             values = values[values != ignore_index]
         if values.size:
             top = max(top, int(values.max()))
-    return top
+    return top, None
 
 
 _MASK_CACHE_VERSION = 1  # bump when mask_array changes what it reads
