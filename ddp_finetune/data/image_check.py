@@ -5,8 +5,11 @@ not found by a DataLoader worker hours into the run.
 
 The rows of each split are cut into one contiguous share per rank, and each rank decodes its
 share with every CPU it may use (`check_workers`: a pool of forked processes, since Pillow holds
-the GIL for much of a small image; JPEGs decode at 1/8 scale, which still reads every byte), with
-a progress bar and its ETA on the main process when the check lasts more than 2 s. The ranks gather what they found, so they all drop the same rows.
+the GIL for much of a small image; the children read their rows from the split's Arrow table, so
+only row numbers and bad images cross a pipe; JPEGs decode at 1/8 scale, which still reads every
+byte), with a progress bar and its ETA on the main process when the check lasts more than 2 s.
+On 2 cores it runs at 0.91-0.94 of linear scaling (benchmarks/image_check.py). The ranks gather
+what they found, so they all drop the same rows.
 The result is cached per split under the `datasets` cache, keyed by the split's fingerprint: for
 an image folder that fingerprint changes when a file is added, removed or modified, so a restart
 of the same data pays nothing and changed data is checked again. The main process reads the
