@@ -144,3 +144,32 @@ def test_a_folder_holding_a_packed_copy_is_one_line_not_a_traceback(tmp_path, pa
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert f"data.path={str(mixed)!r} cannot be read as an image folder" in proc.stderr
     assert "move other data (a packed copy, notes) out of the folder" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("truncate", "the saved dataset cannot be read (Expected to be able to read"),
+        ("delete", "is a saved dataset with a file missing ("),
+        ("state", "the saved dataset cannot be read ("),
+    ],
+)
+def test_a_damaged_packed_dataset_is_one_line(tmp_path, packed, damage, message):
+    """A shard cut short (a copy interrupted), a shard gone, a broken state.json: one line naming the data and
+    the fix at start, not a pyarrow traceback."""
+    import shutil
+
+    _, report = packed
+    copy = tmp_path / "copy"
+    shutil.copytree(report.out, copy)
+    shard = sorted((copy / "train").glob("*.arrow"))[1]
+    if damage == "truncate":
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    elif damage == "delete":
+        shard.unlink()
+    else:
+        (copy / "train" / "state.json").write_text("{")
+    proc = run_cli("train", _classification(tmp_path, copy, "disk"), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.startswith(f"ddp-finetune: error: data.path={str(copy)!r}") and message in proc.stderr
+    assert "again from its source" in proc.stderr and proc.stderr.count("\n") == 1

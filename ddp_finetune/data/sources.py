@@ -99,11 +99,23 @@ def _load_raw(data_cfg):
                     "or keep to path/[<split>/]<class>/<image>"
                 ) from None
         if source == "disk":
+            saved = any((Path(path) / name).is_file() for name in ("dataset_dict.json", "state.json"))
             try:
                 return datasets.load_from_disk(str(path))
-            except FileNotFoundError:
+            except FileNotFoundError as exc:
+                if saved:  # a saved dataset with a file gone: an interrupted copy or save
+                    missing = exc.filename or first_line(exc)
+                    raise UserError(
+                        f"data.path={path!r} is a saved dataset with a file missing ({missing}); copy it again, "
+                        "or save it (ddp-finetune pack) again from its source"
+                    ) from None
                 raise UserError(
                     f"data.path={path!r} is not a dataset saved with save_to_disk; use data.source=imagefolder for a folder of images"
+                ) from None
+            except (OSError, ValueError) as exc:  # a truncated or damaged Arrow file, a broken json
+                raise UserError(
+                    f"data.path={path!r}: the saved dataset cannot be read ({first_line(exc)[:200]}); a file of it is "
+                    "damaged or cut short: copy it again, or save it (ddp-finetune pack) again from its source"
                 ) from None
         return datasets.load_dataset(path)
     except UserError:
