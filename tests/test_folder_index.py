@@ -236,3 +236,40 @@ def test_an_index_cache_that_cannot_be_written_costs_only_the_next_start(tmp_pat
     monkeypatch.setattr(pa.ipc, "new_file", real)
     assert folder_index.folder_index(root)[1] is False, "nothing cached: built again"
     assert folder_index.folder_index(root)[1] is True
+
+
+def test_a_file_removed_during_the_walk_is_not_data_and_an_unreadable_folder_is_one_line(tmp_path, monkeypatch):
+    """A file deleted between its folder's listing and its stat (data still being synced) is left out, not
+    a FileNotFoundError traceback; a folder that cannot be listed is one line naming it (tests run as
+    root, where permissions do not stop a listing: the error is injected)."""
+    import os
+
+    from ddp_finetune.config import config_from_dict
+    from ddp_finetune.data.sources import load_splits
+    from ddp_finetune.errors import UserError
+
+    root = make_image_folder(tmp_path / "images", per_class=3)
+    gone = str(root / "dog" / "1.png")
+    real_stat = os.stat
+
+    def stat_after_delete(path, *a, **k):
+        if str(path) == gone and os.path.lexists(gone):
+            os.unlink(gone)  # the sync removed it just now
+        return real_stat(path, *a, **k)
+
+    monkeypatch.setattr(folder_index.os, "stat", stat_after_delete)
+    ds = load_image_folder(root)["train"]
+    assert gone not in _paths(ds) and len(ds) == 8
+    monkeypatch.setattr(folder_index.os, "stat", real_stat)
+
+    real_scandir = os.scandir
+
+    def refuse(path):
+        if str(path).endswith("/cat"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(folder_index.os, "scandir", refuse)
+    cfg = config_from_dict({"data": {"path": str(root)}, "output_dir": str(tmp_path / "run")})
+    with pytest.raises(UserError, match=rf"data.path='{root}' cannot be read \({root}/cat\): Permission denied; fix"):
+        load_splits(cfg.data, 0)

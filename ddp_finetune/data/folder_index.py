@@ -102,7 +102,11 @@ def walk(root: Path) -> Walk:
             files.append(rel)
             dot = name.rfind(".")
             if (dot > 0 and name[dot:].lower() in extensions) or _is_image(name, extensions):
-                st = os.stat(folder + "/" + name)
+                try:
+                    st = os.stat(folder + "/" + name)
+                except FileNotFoundError:  # removed since its folder was listed: not part of the data
+                    files.pop()
+                    continue
                 images.append(rel)
                 stamps.append(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}")
             else:

@@ -81,7 +81,14 @@ def _load_raw(data_cfg):
                 )
             from ddp_finetune.data.folder_index import load_image_folder
 
-            indexed = load_image_folder(path)  # a directory walk, cached; None: a layout only load_dataset reads
+            try:
+                indexed = load_image_folder(path)  # a directory walk, cached; None: a layout only load_dataset reads
+            except OSError as exc:  # a sub-folder that cannot be listed (permissions), an I/O error
+                where = f" ({exc.filename})" if exc.filename else ""
+                raise UserError(
+                    f"data.path={path!r} cannot be read{where}: {exc.strerror or first_line(exc)}; "
+                    "fix the folder's permissions or the file system, or move that folder out of data.path"
+                ) from None
             if indexed is not None:
                 return indexed
             try:
