@@ -273,3 +273,26 @@ def test_a_file_removed_during_the_walk_is_not_data_and_an_unreadable_folder_is_
     cfg = config_from_dict({"data": {"path": str(root)}, "output_dir": str(tmp_path / "run")})
     with pytest.raises(UserError, match=rf"data.path='{root}' cannot be read \({root}/cat\): Permission denied; fix"):
         load_splits(cfg.data, 0)
+
+
+def test_an_unusable_datasets_cache_costs_only_speed(tmp_path, monkeypatch):
+    """HF_DATASETS_CACHE under a file (or read-only, or full): the folder index, the image check and the
+    segmentation class count are computed every start, and the start goes on."""
+    from datagen import make_mask_folder
+
+    from ddp_finetune.config import config_from_dict
+    from ddp_finetune.data.image_check import check_images
+    from ddp_finetune.data.sources import decide_classes, load_splits
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(blocker / "cache"))
+    root = make_image_folder(tmp_path / "images", per_class=4)
+    cfg = config_from_dict({"data": {"path": str(root)}, "output_dir": str(tmp_path / "run")})
+    for _ in range(2):
+        assert folder_index.folder_index(root)[1] is False, "nothing cached, nothing raised"
+        splits = check_images(cfg, load_splits(cfg.data, 0), tmp_path)
+        assert any("decoded 12 images" in n for n in splits.notes)
+    seg = make_mask_folder(tmp_path / "seg", n=4, image_suffix=".png")
+    cfg = config_from_dict({"task": "segmentation", "data": {"path": str(seg)}, "output_dir": str(tmp_path / "r2")})
+    assert decide_classes(cfg, load_splits(cfg.data, 0, "segmentation")).outputs == 3

@@ -24,6 +24,7 @@ the caller falls back to `load_dataset`: slower, never different.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -263,8 +264,9 @@ def _save(path: Path, index: FolderIndex) -> None:
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
             writer.write_table(table)
         os.replace(tmp, path)
-    except (OSError, pa.ArrowException):  # read-only or full: nothing half-written is left
-        tmp.unlink(missing_ok=True)
+    except (OSError, pa.ArrowException):  # read-only, full or not a folder: nothing half-written is left
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 def _load(path: Path, digest: str) -> FolderIndex | None:
