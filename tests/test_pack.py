@@ -173,3 +173,24 @@ def test_a_damaged_packed_dataset_is_one_line(tmp_path, packed, damage, message)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.startswith(f"ddp-finetune: error: data.path={str(copy)!r}") and message in proc.stderr
     assert "again from its source" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_a_killed_pack_leaves_its_temporary_folder_to_the_next_pack_to_remove(tmp_path, packed):
+    """kill -9 during a pack leaves `.OUT.partial-<pid>-<random>-<host>` beside OUT: the next pack into the
+    same OUT removes it when that process is gone; a live pack's (or another host's) is left alone."""
+    import os
+    import socket
+    import subprocess
+
+    folder, _ = packed
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that ran on this host and is gone
+    host = socket.gethostname()
+    killed = tmp_path / f".new.partial-{dead.pid}-deadbeef-{host}"
+    live = tmp_path / f".new.partial-{os.getpid()}-cafef00d-{host}"
+    other = tmp_path / f".new.partial-{dead.pid}-0badf00d-another-host"
+    for leftover in (killed, live, other):
+        (leftover / "dataset").mkdir(parents=True)
+    pack_folder(folder, tmp_path / "new")
+    assert not killed.exists() and live.exists() and other.exists()
+    assert datasets.load_from_disk(str(tmp_path / "new"))["train"].num_rows == 24

@@ -12,19 +12,20 @@ per-sample crops (drawn from (seed, epoch, index)) and the same resume follow, a
 size. The path of each file, relative to FOLDER, stays in the table to name a bad image.
 
 The output is written to a temporary folder next to OUT and renamed into place: an interrupted
-pack leaves no half dataset at OUT; OUT is never overwritten.
+pack leaves no half dataset at OUT; OUT is never overwritten. A killed pack's temporary folder is
+removed by the next pack into the same OUT (when its process, on this host, is gone).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ddp_finetune.errors import UserError
+from ddp_finetune.files import owner_is_gone, unique_tag
 
 TASKS = ("classification", "segmentation")  # binary / multilabel image folders are classification folders
 
@@ -49,6 +50,15 @@ def _embed(batch, columns, root):
             cells.append({"bytes": data, "path": os.path.relpath(path, root)})
         out[column] = cells
     return out
+
+
+def _remove_dead_partials(out: Path) -> None:
+    """The temporary folders of packs into OUT that were killed (kill -9, a node lost): their owner ran on
+    this host and is gone. Another host's, or a live pack's, are left alone."""
+    prefix = f".{out.name}.partial-"
+    for leftover in out.parent.glob(prefix + "*"):
+        if owner_is_gone(leftover.name[len(prefix) :]):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _shard_size(size):
@@ -90,7 +100,9 @@ def pack_folder(folder, out, task: str = "classification", max_shard_size: str =
     rows = sum(len(ds) for ds in raw.values())
     procs = num_proc or (min(usable_cpus()[0], 16) if rows >= 10_000 else None)
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    _remove_dead_partials(out)
+    work = out.parent / f".{out.name}.partial-{unique_tag()}"
+    work.mkdir()
     try:
         packed = {}
         datasets.enable_progress_bars()  # a long pack shows its progress (training turns them off)
