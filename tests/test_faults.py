@@ -707,3 +707,52 @@ def test_a_check_process_that_dies_is_one_line_naming_where_the_check_was(tmp_pa
     assert image_check._SHARED is None
     monkeypatch.setattr(image_check, "image_problem", real)
     assert image_check.check_images(cfg, splits, tmp_path).notes, "not cached: checked again, and passes"
+
+
+_SLOW_CHECK = """
+import sys, time
+import datasets
+from ddp_finetune import distributed as dist_utils
+from ddp_finetune.data import image_check
+dist_utils.usable_cpus = lambda: (2, "test")
+image_check.image_problem = lambda value, rgb: time.sleep(0.01)  # 4000 rows: ~20 s on 2 processes
+ds = datasets.Dataset.from_dict({"image": [f"/nowhere/{i}.png" for i in range(4000)]})
+image_check._scan("train", ds, [("image", True)], 0, len(ds))
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "\nState:\tZ" not in f.read()
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
+def test_a_rank_killed_during_the_image_check_leaves_no_checking_process(tmp_path):
+    """`kill` of a rank while its pool decodes (a preemption's SIGTERM comes before the run's handler is
+    installed): the pool's children die with it. They used to wait forever on a queue whose both ends
+    they hold, each with the rank's memory."""
+    import signal
+    import time
+
+    from helpers import child_env
+
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_CHECK], env=child_env(), cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        kids: list[int] = []
+        while len(kids) < 2 and time.monotonic() < deadline:  # the pool starts after the imports
+            time.sleep(0.05)
+            pgrep = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+            kids = [int(p) for p in pgrep.stdout.split()]
+        assert len(kids) == 2, f"the pool did not start: {kids}"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == -signal.SIGTERM
+        deadline = time.monotonic() + 10  # the kernel's SIGKILL to the children is asynchronous to this process
+        while any(_running(k) for k in kids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [k for k in kids if _running(k)], "pool children outlived their rank"
+    finally:
+        proc.kill()
