@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import json
 import os
 import signal
 import time
 from pathlib import Path
 
 from ddp_finetune import distributed as dist_utils
+from ddp_finetune.data import result_cache
 from ddp_finetune.data.images import image_problem, value_name
 from ddp_finetune.data.sources import Splits
 from ddp_finetune.errors import UserError
@@ -118,8 +117,8 @@ def _check_split(name: str, ds, columns) -> tuple[list[BadImage], bool]:
     """(bad images of one split, whether they were decoded now rather than read from the cache)."""
     if len(ds) == 0:  # nothing to decode
         return [], False
-    cache = _cache_file(ds, columns)
-    cached = dist_utils.broadcast_object(_read_cache(cache) if dist_utils.is_main_process() else None)
+    cache = result_cache.cache_path("image_check", ds, CHECK_VERSION, columns)
+    cached = dist_utils.broadcast_object(result_cache.read(cache) if dist_utils.is_main_process() else None)
     if cached is not None:
         return [BadImage(name, *row) for row in cached], False
     if dist_utils.is_main_process():
@@ -129,7 +128,7 @@ def _check_split(name: str, ds, columns) -> tuple[list[BadImage], bool]:
     mine = _scan(name, ds, columns, lo, hi)
     found = sorted((b for share in dist_utils.gather_objects(mine) for b in share), key=lambda b: b.row)
     if dist_utils.is_main_process():
-        _write_cache(cache, [[b.row, b.name, b.reason] for b in found])
+        result_cache.write(cache, [[b.row, b.name, b.reason] for b in found])
     return found, True
 
 
@@ -246,29 +245,6 @@ def _without(ds, rows: set[int]):
 
 
 # --------------------------------------------------------------------------- cache and list
-
-
-def _cache_file(ds, columns) -> Path:
-    import datasets
-
-    key = hashlib.sha256(f"{CHECK_VERSION}|{ds._fingerprint}|{columns}".encode()).hexdigest()[:24]
-    return Path(datasets.config.HF_DATASETS_CACHE) / "ddp_finetune_image_check" / f"{key}.json"
-
-
-def _read_cache(path: Path) -> list | None:
-    try:
-        return json.loads(path.read_text())["bad"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def _write_cache(path: Path, bad: list) -> None:
-    """Atomically; a cache that cannot be written (read-only shared cache) only costs the next start."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps({"version": CHECK_VERSION, "bad": bad}))
-    except OSError:
-        pass
 
 
 def _write_list(output_dir, bad: list[BadImage]) -> Path:

@@ -12,13 +12,12 @@ into (tensor, target) samples; `loaders.py` batches them.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ddp_finetune.data import result_cache
 from ddp_finetune.data.checks import IMAGE_SUFFIXES as _IMAGE_SUFFIXES
 from ddp_finetune.data.checks import (
     check_labels,
@@ -29,7 +28,6 @@ from ddp_finetune.data.checks import (
 )
 from ddp_finetune.data.images import mask_array
 from ddp_finetune.errors import UserError, first_line
-from ddp_finetune.files import atomic_write_text
 
 _VAL_NAMES = ("validation", "val", "valid", "test")
 _SEG_LAYOUT = "path/[<split>/]images/<name>.<ext> with path/[<split>/]masks/<name>.png"
@@ -389,8 +387,8 @@ def scan_mask_classes(ds, mask_column: str, ignore_index: int | None) -> int:
     process reads the cache and tells the others, so every rank takes the same path."""
     from ddp_finetune import distributed as dist_utils
 
-    cache = _mask_cache_file(ds, mask_column, ignore_index)
-    top = dist_utils.broadcast_object(_read_mask_cache(cache) if dist_utils.is_main_process() else None)
+    cache = result_cache.cache_path("mask_classes", ds, _MASK_CACHE_VERSION, mask_column, ignore_index)
+    top = dist_utils.broadcast_object(result_cache.read(cache) if dist_utils.is_main_process() else None)
     if top is None:
         rank, world = dist_utils.rank(), dist_utils.world_size()
         lo, hi = len(ds) * rank // world, len(ds) * (rank + 1) // world
@@ -399,10 +397,8 @@ def scan_mask_classes(ds, mask_column: str, ignore_index: int | None) -> int:
         if errors:
             raise UserError(errors[0])
         top = max(value for value, _ in shares)
-        if dist_utils.is_main_process() and cache is not None:
-            with contextlib.suppress(OSError):  # a read-only cache only costs the next start
-                cache.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(cache, json.dumps({"top": top}))
+        if dist_utils.is_main_process():
+            result_cache.write(cache, top)
     if top < 0:
         raise UserError(
             f"the training masks hold no pixel other than loss.ignore_index={ignore_index}; check data.mask_column and the masks"
@@ -432,25 +428,6 @@ def _largest_mask_value(ds, mask_column: str, ignore_index: int | None, lo: int,
 
 
 _MASK_CACHE_VERSION = 1  # bump when mask_array changes what it reads
-
-
-def _mask_cache_file(ds, mask_column: str, ignore_index: int | None) -> Path | None:
-    fingerprint = getattr(ds, "_fingerprint", None)
-    if not fingerprint:
-        return None
-    import datasets
-
-    key = f"{_MASK_CACHE_VERSION}|{fingerprint}|{mask_column}|{ignore_index}"
-    name = hashlib.sha256(key.encode()).hexdigest()[:24]
-    return Path(datasets.config.HF_DATASETS_CACHE) / "ddp_finetune_mask_classes" / f"{name}.json"
-
-
-def _read_mask_cache(path: Path | None) -> int | None:
-    try:
-        top = json.loads(path.read_text())["top"]
-        return top if isinstance(top, int) else None
-    except (AttributeError, OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def decide_classes(cfg, splits: Splits) -> Classes:
