@@ -27,6 +27,7 @@ import dataclasses
 import os
 import signal
 import time
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from ddp_finetune import distributed as dist_utils
@@ -215,8 +216,6 @@ def _scan(name: str, ds, columns, lo: int, hi: int) -> list[BadImage]:
     bad = []
     _SHARED = (table, columns, name)
     pool = _pool(workers, hi - lo)
-    from concurrent.futures.process import BrokenProcessPool
-
     done = lo
     try:
         with _progress(name, (hi - lo) * len(columns)) as bar:
