@@ -113,8 +113,8 @@ def pack_folder(folder, out, task: str = "classification", max_shard_size: str =
             embedded = undecoded.map(
                 _embed,
                 batched=True,
-                batch_size=256,
-                writer_batch_size=256,
+                batch_size=64,
+                writer_batch_size=64,
                 fn_kwargs={"columns": columns, "root": root},
                 num_proc=procs,
                 cache_file_name=str(work / f"embed-{split}.arrow"),
