@@ -46,6 +46,11 @@ def folder_problem(folder: Path) -> str | None:
     folder = Path(folder)
     if not has_manifest(folder):
         return f"has no {MANIFEST}"
+    return _manifest_problem(folder)
+
+
+def _manifest_problem(folder: Path) -> str | None:
+    """The first file of the folder's manifest that is missing, cut short or changed, or None."""
     try:
         files = json.loads((folder / MANIFEST).read_text())["files"]
     except (ValueError, KeyError, TypeError):
@@ -63,14 +68,9 @@ def checkpoint_problem(folder: Path) -> str | None:
     if not folder.is_dir():
         return "not a folder"
     if has_manifest(folder):
-        try:
-            files = json.loads((folder / MANIFEST).read_text())["files"]
-        except (ValueError, KeyError, TypeError):
-            return f"{MANIFEST} is damaged"
-        for name, expected in files.items():
-            problem = _file_problem(folder / name, expected)
-            if problem:
-                return f"{name} {problem}"
+        problem = _manifest_problem(folder)
+        if problem:
+            return problem
     try:
         json.loads((folder / STATE_FILE).read_text())["step"]
     except FileNotFoundError:
