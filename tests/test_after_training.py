@@ -11,10 +11,17 @@ import pytest
 import torch
 import yaml
 from datagen import make_image_folder
-from helpers import fit_in_process, fresh_accelerate, launch_2proc, normalized_by_hand, read_summary, tiny_config
+from helpers import (
+    cli,
+    fit_in_process,
+    launch_2proc,
+    normalized_by_hand,
+    one_error_line,
+    read_summary,
+    tiny_config,
+)
 from PIL import Image
 
-from ddp_finetune.commands.cli import main
 from ddp_finetune.models.folder import load_model_folder, read_weights
 
 CLASSES = ("cat", "dog", "fox")
@@ -33,18 +40,6 @@ def run(tmp_path_factory):
 def held_out(tmp_path_factory):
     """9 other images of the same classes: with an evaluation batch of 4 on 2 ranks the last batch is padded."""
     return make_image_folder(tmp_path_factory.mktemp("held_out") / "images", classes=CLASSES, per_class=3, seed=7)
-
-
-def cli(*argv) -> int:
-    with fresh_accelerate():
-        return main([str(a) for a in argv])
-
-
-def one_error_line(capsys, *argv) -> str:
-    code = cli(*argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith("ddp-finetune: error: "), err
-    return err[0]
 
 
 # --------------------------------------------------------------------------- the model folder

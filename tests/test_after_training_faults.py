@@ -16,26 +16,13 @@ from pathlib import Path
 import pytest
 import yaml
 from datagen import make_image_folder
-from helpers import fresh_accelerate
+from helpers import cli, one_error_line
 from model_folders import make_model_folder
 
-from ddp_finetune.commands.cli import main
 from ddp_finetune.inference.predict_outputs import Options, Writer
 from ddp_finetune.models.folder import load_model_folder
 
 CLASSES = ("cat", "dog")
-
-
-def cli(*argv) -> int:
-    with fresh_accelerate():
-        return main([str(a) for a in argv])
-
-
-def one_error_line(capsys, *argv) -> str:
-    code = cli(*argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith("ddp-finetune: error: "), err
-    return err[0]
 
 
 @pytest.fixture(scope="module")

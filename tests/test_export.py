@@ -20,12 +20,11 @@ import numpy as np
 import pytest
 import torch
 from datagen import make_image_folder
-from helpers import ROOT, child_env, fit_in_process, fresh_accelerate, run_cli, tiny_config
+from helpers import ROOT, child_env, cli, fit_in_process, run_cli, tiny_config
 from model_folders import make_model_folder
 from PIL import Image
 from torch import nn
 
-from ddp_finetune.commands.cli import main
 from ddp_finetune.data.transforms import DeviceInput
 from ddp_finetune.errors import UserError
 from ddp_finetune.inference import export as export_mod
@@ -35,11 +34,6 @@ from ddp_finetune.models.folder import load_model_folder
 HAS_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime"))
 needs_onnx = pytest.mark.skipif(not HAS_ONNX, reason="needs the export extra: pip install -e '.[export]'")
 SHAPES = ("background", "square", "disc")
-
-
-def cli(*argv) -> int:
-    with fresh_accelerate():
-        return main([str(a) for a in argv])
 
 
 def _one_error_line(proc) -> str:

@@ -12,21 +12,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from datagen import make_mask_folder
-from helpers import fresh_accelerate, normalized_by_hand
+from helpers import cli, normalized_by_hand
 from model_folders import make_model_folder
 from PIL import Image
 
-from ddp_finetune.commands.cli import main
 from ddp_finetune.inference.predict import input_transform
 from ddp_finetune.inference.predict_outputs import palette
 from ddp_finetune.models.folder import load_model_folder
 
 SHAPES = ("background", "square", "disc")
-
-
-def cli(*argv) -> int:
-    with fresh_accelerate():
-        return main([str(a) for a in argv])
 
 
 def _rows(path) -> list[dict]:
