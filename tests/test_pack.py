@@ -3,6 +3,8 @@ from (same rows, order, split, crops, resume), and at every world size as on one
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import datasets
 import pytest
 from datagen import make_image_folder, make_mask_folder
@@ -194,3 +196,33 @@ def test_a_killed_pack_leaves_its_temporary_folder_to_the_next_pack_to_remove(tm
     pack_folder(folder, tmp_path / "new")
     assert not killed.exists() and live.exists() and other.exists()
     assert datasets.load_from_disk(str(tmp_path / "new"))["train"].num_rows == 24
+
+
+def test_pack_into_a_path_under_a_file_or_raced_by_another_pack_is_one_line(tmp_path, packed, monkeypatch):
+    """OUT under a file: one line before any image is read. Two packs into one OUT at once: the one that
+    finishes second stops with one line and leaves the first one's dataset as it is."""
+    import os
+
+    from ddp_finetune.data import pack as pack_mod
+
+    folder, _ = packed
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    proc = run_cli("pack", folder, blocker / "out", check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"OUT {str(blocker / 'out')!r}: its folder {str(blocker)!r} is a file" in proc.stderr
+
+    out = tmp_path / "out"
+    real_replace = os.replace
+
+    def other_pack_first(src, dst):  # the other pack renames its dataset into OUT just before this one
+        if Path(dst) == out:
+            out.mkdir()
+            (out / "theirs").write_text("kept")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(pack_mod.os, "replace", other_pack_first)
+    with pytest.raises(UserError, match=rf"{out} was written by another pack while this one ran; it was kept"):
+        pack_folder(folder, out)
+    assert [p.name for p in out.iterdir()] == ["theirs"]
+    assert not list(tmp_path.glob(".out.partial-*")), "this pack's temporary folder is removed"

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from ddp_finetune.errors import UserError
 from ddp_finetune.files import owner_is_gone, unique_tag
+from ddp_finetune.out_paths import folder_out
 
 TASKS = ("classification", "segmentation")  # binary / multilabel image folders are classification folders
 
@@ -92,6 +93,8 @@ def pack_folder(folder, out, task: str = "classification", max_shard_size: str =
             "give an OUT outside it, e.g. next to it"
         )
     max_shard_size = _shard_size(max_shard_size)
+    # OUT's folder: created and proved writable before any image is read (a file in the way is one line)
+    folder_out(out.parent, flag=f"OUT {str(out)!r}: its folder", what="the packed dataset")
     start = time.perf_counter()
     data_cfg = DataConfig(source="imagefolder", path=str(folder))
     raw = load_dataset_dict(data_cfg, task)
@@ -99,7 +102,6 @@ def pack_folder(folder, out, task: str = "classification", max_shard_size: str =
     root = str(folder.expanduser().resolve())
     rows = sum(len(ds) for ds in raw.values())
     procs = num_proc or (min(usable_cpus()[0], 16) if rows >= 10_000 else None)
-    out.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_partials(out)
     work = out.parent / f".{out.name}.partial-{unique_tag()}"
     work.mkdir()
@@ -126,7 +128,12 @@ def pack_folder(folder, out, task: str = "classification", max_shard_size: str =
             packed[split] = embedded
         datasets.DatasetDict(packed).save_to_disk(str(work / "dataset"), max_shard_size=max_shard_size, num_proc=procs)
         size = sum(f.stat().st_size for f in (work / "dataset").rglob("*.arrow"))
-        os.replace(work / "dataset", out)
+        try:
+            os.replace(work / "dataset", out)
+        except OSError:
+            if out.exists():  # a second pack into the same OUT finished first: its dataset is kept
+                raise UserError(f"{out} was written by another pack while this one ran; it was kept as it is") from None
+            raise
     finally:
         datasets.disable_progress_bars()
         shutil.rmtree(work, ignore_errors=True)
